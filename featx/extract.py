@@ -1,0 +1,494 @@
+"""Batched, frozen feature extraction into the cache.
+
+The frozen model runs in eval mode under ``torch.inference_mode``; every
+requested layer comes out of one forward pass (torchvision's
+``create_feature_extractor``, which also drops whatever follows the last
+requested layer, the final fc included). Images are decoded in DataLoader
+workers; each finished batch is handed to a writer thread that stores it as
+a part file, so a killed run loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .backbones import LoadedBackbone, Preprocess, get_backbone, load_backbone, resolve_weights
+from .cache import FeatureCache, FeatureSpec, write_part_file
+from .data import Dataset, Sample, load_image
+from .errors import BackboneError, ConfigError, ImageError
+
+POOLS = ("avg", "max", "avgmax", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+STORAGES = ("float32", "float16")
+_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+           "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+# --------------------------------------------------------------------------
+# preprocessing (PIL, in worker processes)
+
+
+def preprocess_image(im: Image.Image, pre: Preprocess) -> np.ndarray:
+    """Resize short side to ``pre.resize``, center-crop ``pre.crop``: uint8 HWC.
+
+    Matches torchvision's ``weights.transforms()`` on PIL images (same size
+    rounding and crop offsets); normalisation happens on the model side."""
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short != pre.resize:
+        new_short, new_long = pre.resize, int(pre.resize * long / short)
+        size = (new_short, new_long) if w <= h else (new_long, new_short)
+        im = im.resize(size, _INTERP.get(pre.interpolation, Image.BILINEAR))
+    w, h = im.size
+    c = pre.crop
+    if w < c or h < c:  # torchvision pads; with resize >= crop this never happens
+        im = im.resize((max(w, c), max(h, c)), _INTERP.get(pre.interpolation, Image.BILINEAR))
+        w, h = im.size
+    top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+    im = im.crop((left, top, left + c, top + c))
+    return np.array(im, dtype=np.uint8)  # a writable copy, as torch wants
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes images for the model; a bad file becomes a flagged empty item."""
+
+    def __init__(self, paths: list[Path], pre: Preprocess, draft: bool = True):
+        self.paths = [str(p) for p in paths]
+        self.pre = pre
+        self.draft = draft
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            im = load_image(self.paths[i], draft_size=self.pre.resize if self.draft else None)
+            arr = preprocess_image(im, self.pre)
+            return torch.from_numpy(arr).permute(2, 0, 1), i, ""
+        except ImageError as e:
+            return torch.zeros((3, self.pre.crop, self.pre.crop), dtype=torch.uint8), i, e.reason
+
+
+def collate(items):
+    tensors, idx, errors = zip(*items)
+    return torch.stack(tensors), torch.tensor(idx), list(errors)
+
+
+# --------------------------------------------------------------------------
+# the network
+
+
+def pool_features(t: torch.Tensor, pool: str) -> torch.Tensor:
+    if t.ndim == 4:
+        if pool == "avg":
+            return t.mean(dim=(2, 3))
+        if pool == "max":
+            return t.amax(dim=(2, 3))
+        if pool == "avgmax":
+            return torch.cat([t.mean(dim=(2, 3)), t.amax(dim=(2, 3))], dim=1)
+    return t.flatten(1)
+
+
+class FeatureNet(nn.Module):
+    """uint8 NCHW images in, one pooled (N, D) tensor per requested layer out."""
+
+    def __init__(self, model: nn.Module, layers: list[str], pool: str, pre: Preprocess):
+        super().__init__()
+        self.layers = list(layers)
+        self.pool = pool
+        self.body, self.node_of = _feature_body(model, self.layers)
+        std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        # (x/255 - mean)/std as one multiply-add
+        self.register_buffer("scale", 1.0 / (255.0 * std))
+        self.register_buffer("shift", -mean / std)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.float() * self.scale + self.shift
+        outs = self.body(x)
+        return [pool_features(outs[self.node_of[name]], self.pool).float() for name in self.layers]
+
+
+class _Hooked(nn.Module):
+    """For models torch.fx cannot trace: forward hooks on named modules."""
+
+    def __init__(self, model: nn.Module, layers: list[str]):
+        super().__init__()
+        self.model = model
+        self.layers = layers
+        modules = dict(model.named_modules())
+        self._store: dict[str, torch.Tensor] = {}
+        for name in layers:
+            modules[name].register_forward_hook(self._saver(name))
+
+    def _saver(self, name):
+        def hook(_module, _inputs, output):
+            self._store[name] = output
+        return hook
+
+    def forward(self, x):
+        self._store = {}
+        self.model(x)
+        return dict(self._store)
+
+
+def _feature_body(model: nn.Module, layers: list[str]):
+    from torchvision.models.feature_extraction import create_feature_extractor
+    names = graph_nodes(model)
+    if names is not None:
+        node_of = {}
+        for layer in layers:
+            node = resolve_node(layer, names)
+            if node is None:
+                raise BackboneError(_unknown_layer_message(layer, names))
+            node_of[layer] = node
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            body = create_feature_extractor(model, return_nodes={n: n for n in node_of.values()})
+        return body, node_of
+    modules = dict(model.named_modules())
+    unknown = [n for n in layers if n not in modules or n == ""]
+    if unknown:
+        raise BackboneError(_unknown_layer_message(unknown[0], [m for m in modules if m]))
+    return _Hooked(model, layers), {n: n for n in layers}
+
+
+def resolve_node(layer: str, nodes: list[str]) -> str | None:
+    """A graph node, or a module whose output is its last node
+    (``features.14`` of MobileNetV2 ends in ``features.14.add``)."""
+    if layer in nodes:
+        return layer
+    inside = [n for n in nodes if n.startswith(layer + ".")]
+    return inside[-1] if inside else None
+
+
+def _unknown_layer_message(name: str, known: list[str]) -> str:
+    import difflib
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"--layer {name}: no such layer{hint} (list them with `featx layers BACKBONE`)"
+
+
+def graph_nodes(model: nn.Module) -> list[str] | None:
+    """Eval-mode torch.fx node names, or None when the model does not trace."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, ev = get_graph_node_names(model)
+        return [n for n in ev if n != "x"]
+    except Exception:  # noqa: BLE001 - any tracing failure means: use hooks
+        return None
+
+
+def layer_table(backbone: str, all_nodes: bool = False) -> list[dict]:
+    """Extractable layers with their output shape for one image.
+
+    By default: top-level modules, the blocks inside top-level
+    Sequential/ModuleList containers, and top-level functional nodes
+    (``flatten``); ``all_nodes`` lists every graph node."""
+    info = get_backbone(backbone)
+    rw = resolve_weights(info, "none")
+    torch.manual_seed(0)
+    model = info.build(num_classes=1000, pretrained=False).eval()
+    nodes = graph_nodes(model)
+    if nodes is None or all_nodes:
+        names = nodes or [n for n, _ in model.named_modules() if n]
+    else:
+        names = _block_names(model, nodes)
+        if info.default_layer not in names:
+            names.append(info.default_layer)
+    net = FeatureNet(model, names, "none", rw.preprocess)
+    x = torch.zeros((1, 3, rw.preprocess.crop, rw.preprocess.crop), dtype=torch.uint8)
+    with torch.inference_mode():
+        outs = net.body(x.float() * net.scale + net.shift)
+    rows = []
+    for n in names:
+        shape = tuple(outs[net.node_of[n]].shape[1:])
+        pooled = shape[0] if len(shape) == 3 else int(np.prod(shape))
+        rows.append({"layer": n, "shape": shape, "avg_dim": pooled, "default": n == info.default_layer})
+    return rows
+
+
+def _block_names(model: nn.Module, nodes: list[str]) -> list[str]:
+    names = []
+    for name, module in model.named_children():
+        if resolve_node(name, nodes) is None:
+            continue
+        names.append(name)
+        if isinstance(module, (nn.Sequential, nn.ModuleList)):
+            names += [f"{name}.{child}" for child, _ in module.named_children()
+                      if resolve_node(f"{name}.{child}", nodes) is not None]
+    modules = {n for n, _ in model.named_modules()}
+    top_functional = [n for n in nodes if "." not in n and n not in modules and not n.startswith(("getattr", "size"))]
+    # keep graph order
+    order = {n: i for i, n in enumerate(nodes)}
+    wanted = set(names) | set(top_functional)
+    # graph order; a container after its last block (same output node)
+    return sorted(wanted, key=lambda n: (order.get(resolve_node(n, nodes), 0), -len(n)))
+
+
+# --------------------------------------------------------------------------
+# orchestration
+
+
+def resolve_device(device: str | None) -> torch.device:
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ConfigError(f"--device {device}: use auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def feature_specs(backbone: str, weights: str | None = "auto", layers: list[str] | None = None,
+                  pool: str = "avg", precision: str = "fp32", storage: str = "float32", seed: int = 0):
+    """The cache specs an extraction would fill, without loading anything heavy."""
+    if pool not in POOLS:
+        raise ConfigError(f"--pool {pool}: use one of {', '.join(POOLS)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    if storage not in STORAGES:
+        raise ConfigError(f"--storage {storage}: use one of {', '.join(STORAGES)}")
+    info = get_backbone(backbone)
+    rw = resolve_weights(info, weights, seed=seed)
+    layers = list(dict.fromkeys(layers or [info.default_layer]))
+    specs = [FeatureSpec(info.name, rw.identity, layer, pool, rw.preprocess.as_dict(), precision, storage)
+             for layer in layers]
+    return info, rw, specs
+
+
+@dataclass
+class ExtractReport:
+    specs: list[FeatureSpec]
+    keys: list[str]
+    n_images: int                    # unique images asked for
+    n_cached: int                    # of those, already cached before this run
+    n_extracted: int                 # newly computed
+    n_resumed: int                   # rows recovered from a killed run's parts
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+    cache_dir: str = ""
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_extracted / self.seconds if self.seconds > 0 else 0.0
+
+
+def _unique_samples(samples: list[Sample]) -> list[Sample]:
+    seen, out = set(), []
+    for s in samples:
+        if s.id not in seen:
+            seen.add(s.id)
+            out.append(s)
+    return out
+
+
+def default_workers(n_images: int) -> int:
+    if n_images < 64:
+        return 0
+    cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus - 1 if cpus > 2 else 1))
+
+
+def extract(
+    dataset: Dataset | list[Sample],
+    backbone: str,
+    *,
+    weights: str | None = "auto",
+    layers: list[str] | None = None,
+    pool: str = "avg",
+    precision: str = "fp32",
+    storage: str = "float32",
+    batch_size: int = 32,
+    device: str | None = "auto",
+    cache: FeatureCache | str | os.PathLike = "cache",
+    workers: int | None = None,
+    strict: bool = False,
+    progress: bool = True,
+    seed: int = 0,
+    notify=None,
+    loaded: LoadedBackbone | None = None,
+) -> ExtractReport:
+    """Extract ``layers`` of ``backbone`` for every image not yet cached.
+
+    Returns an :class:`ExtractReport`; a second identical call extracts
+    nothing. Bad images are skipped and listed in ``report.skipped`` (or
+    raise :class:`~featx.errors.ImageError` with ``strict=True``).
+    """
+    t0 = time.perf_counter()
+    notify = notify or (lambda msg: None)
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    samples = dataset.samples if isinstance(dataset, Dataset) else list(dataset)
+    manifest = dataset.manifest() if isinstance(dataset, Dataset) else None
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    info, rw, specs = feature_specs(backbone, weights, layers, pool, precision, storage, seed)
+    if loaded is None and rw.kind == "file":
+        # a weights file that does not fit fails before any image is read
+        loaded = load_backbone(info.name, resolved=rw, seed=seed)
+    dev = resolve_device(device)
+    keys = [s.key for s in specs]
+    unique = _unique_samples(samples)
+    with cache.locked(keys, notify=notify):
+        resumed = 0
+        for spec in specs:
+            if cache.parts_dir(spec.key).is_dir():
+                resumed += cache.consolidate(spec.key, spec)
+        if resumed:
+            notify(f"resumed: {resumed} rows from an interrupted run merged into the cache")
+        have = [set(cache.ids(k)) for k in keys]
+        todo = [s for s in unique if not all(s.id in h for h in have)]
+        # only the layers that miss something are computed
+        needed = [spec for spec, h in zip(specs, have) if any(s.id not in h for s in todo)]
+        n_cached = len(unique) - len(todo)
+        skipped: list[tuple[str, str]] = []
+        extracted = 0
+        if todo:
+            lb = loaded or load_backbone(info.name, resolved=rw, seed=seed)
+            extracted, skipped = _run(lb, needed, todo, cache, batch_size=batch_size, device=dev,
+                                      precision=precision, workers=workers, strict=strict,
+                                      progress=progress, notify=notify)
+        for spec in specs:
+            cache.consolidate(spec.key, spec, manifest=manifest)
+    return ExtractReport(specs, keys, len(unique), n_cached, extracted, resumed, skipped,
+                         time.perf_counter() - t0, str(dev), str(cache.root))
+
+
+def _autocast(dev: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=dev.type, dtype=dtype)
+
+
+class _PartWriter:
+    """Writes finished batches from a background thread, so the model never
+    waits for the disk. ``close()`` re-raises a writer failure."""
+
+    def __init__(self, cache: FeatureCache, specs: list[FeatureSpec], depth: int = 4):
+        self.cache, self.specs = cache, specs
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="featx-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            ids, outs = item
+            try:
+                for spec, arr in zip(self.specs, outs):
+                    write_part_file(self.cache.new_part_path(spec.key), spec, ids, arr)
+            except BaseException as e:  # noqa: BLE001 - surfaced in close()
+                self.error = e
+
+    def put(self, ids, outs):
+        if self.error is not None:
+            raise self.error
+        self.q.put((ids, outs))
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _run(lb: LoadedBackbone, specs, todo: list[Sample], cache: FeatureCache, *, batch_size, device,
+         precision, workers, strict, progress, notify):
+    from tqdm.auto import tqdm
+
+    layers = [s.layer for s in specs]
+    net = FeatureNet(lb.model, layers, specs[0].pool, lb.preprocess).eval().to(device)
+    channels_last = device.type == "cuda" or precision != "fp32"
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    workers = default_workers(len(todo)) if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        ImageFiles([s.path for s in todo], lb.preprocess), batch_size=batch_size, shuffle=False,
+        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=4 if workers else None)
+    writer = _PartWriter(cache, specs)
+    skipped: list[tuple[str, str]] = []
+    done = 0
+    bar = tqdm(total=len(todo), unit="img", desc=f"extract {lb.info.name}", disable=not progress,
+               dynamic_ncols=True, smoothing=0.1)
+    try:
+        with torch.inference_mode():
+            for images, idx, errors in loader:
+                bad = [i for i, e in enumerate(errors) if e]
+                for i in bad:
+                    path, reason = str(todo[int(idx[i])].path), errors[i]
+                    if strict:
+                        raise ImageError(path, reason + " (--strict stops at the first bad image)")
+                    skipped.append((path, reason))
+                    bar.write(f"skipped {path}: {reason}")
+                keep = [i for i in range(len(errors)) if not errors[i]]
+                if keep:
+                    if bad:
+                        images = images[keep]
+                    x = images.to(device, non_blocking=True)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with _autocast(device, precision):
+                        outs = net(x)
+                    arrays = [o.float().cpu().numpy() for o in outs]
+                    writer.put([todo[int(idx[i])].id for i in keep], arrays)
+                    done += len(keep)
+                bar.update(len(errors))
+    finally:
+        bar.close()
+        writer.close()
+    return done, skipped
+
+
+# --------------------------------------------------------------------------
+# reading back
+
+
+def load_features(cache: FeatureCache | str | os.PathLike, spec: FeatureSpec | str, dataset: Dataset,
+                  split: str | None = None, *, skip_missing: bool = False):
+    """Features of one split of ``dataset`` from the cache.
+
+    Returns ``(X, y, ids)``: float32 (n, d) features, int labels indexing
+    ``dataset.classes``, and the content ids in the same order. Images the
+    cache does not hold raise :class:`~featx.errors.CacheError`, or are
+    dropped with ``skip_missing=True`` (e.g. images skipped as unreadable).
+
+    Examples
+    --------
+    >>> ds = featx.open_dataset("photos/")                         # doctest: +SKIP
+    >>> _, _, specs = featx.feature_specs("mobilenet_v2")          # doctest: +SKIP
+    >>> X, y, ids = featx.load_features("cache", specs[0], ds, "train")  # doctest: +SKIP
+    """
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    key = spec.key if isinstance(spec, FeatureSpec) else cache.resolve_key(spec)
+    samples = dataset.subset(split)
+    if skip_missing:
+        have = set(cache.ids(key))
+        samples = [s for s in samples if s.id in have]
+    ids = [s.id for s in samples]
+    X = cache.read(key, ids)
+    y = dataset.labels(samples)
+    return X, y, ids
+

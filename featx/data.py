@@ -402,8 +402,9 @@ def _make_split(samples, val_fraction, test_fraction, seed, keep_val=False):
     out = []
     for label in sorted(by_class):
         group = sorted(by_class[label], key=lambda s: hashlib.blake2b(f"{seed}:{s.id}:{s.path.name}".encode(), digest_size=8).digest())
-        fixed = [s for s in group if s.split]
-        free = [s for s in group if not s.split]
+        # no test split anywhere: train images are free to be re-assigned
+        fixed = [s for s in group if s.split and s.split != "train"]
+        free = [s for s in group if not s.split or s.split == "train"]
         n = len(free)
         n_test = min(n - 1, max(1, math.floor(n * test_fraction + 0.5))) if n >= 2 else 0
         n_val = min(n - 1 - n_test, max(1 if n >= 5 else 0, math.floor(n * val_fraction + 0.5))) if val_fraction > 0 else 0

@@ -1,0 +1,50 @@
+"""Shared fixtures: small images made on the fly, no network, no ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def make_image(path: Path, colour, size=(64, 48), seed=0, fmt=None, noise=30):
+    """A solid colour with seeded noise (so every file has distinct content)."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(colour, dtype=np.int16) + rng.integers(-noise, noise + 1, (size[1], size[0], 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def folder_dataset(tmp_path):
+    """root/CLASS/*.png: 3 classes x 8 images."""
+    root = tmp_path / "shapes"
+    for ci, (name, colour) in enumerate(COLOURS.items()):
+        for i in range(8):
+            make_image(root / name / f"{name}_{i}.png", colour, seed=ci * 100 + i)
+    return root
+
+
+@pytest.fixture
+def split_dataset(tmp_path):
+    """root/{train,validation,test}/CLASS/*.jpg"""
+    root = tmp_path / "splits"
+    counts = {"train": 6, "validation": 2, "test": 3}
+    for split, n in counts.items():
+        for ci, (name, colour) in enumerate(COLOURS.items()):
+            for i in range(n):
+                make_image(root / split / name / f"{i}.jpg", colour, seed=list(counts).index(split) * 1000 + ci * 100 + i)
+    return root
+
+
+def pytest_collection_modifyitems(config, items):
+    # keep the quick tests first so a broken basic fails fast
+    items.sort(key=lambda it: 1 if it.get_closest_marker("slow") else 0)

@@ -52,8 +52,9 @@ class Preprocess:
     interpolation: str = "bilinear"
 
     def as_dict(self) -> dict:
-        return {"resize": self.resize, "crop": self.crop, "mean": [round(float(m), 6) for m in self.mean],
-                "std": [round(float(s), 6) for s in self.std], "interpolation": self.interpolation}
+        # full precision: bundles rebuild the preprocessing from this dict
+        return {"resize": self.resize, "crop": self.crop, "mean": [float(m) for m in self.mean],
+                "std": [float(s) for s in self.std], "interpolation": self.interpolation}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":

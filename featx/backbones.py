@@ -96,6 +96,7 @@ class BackboneInfo:
     default_layer: str
     head: str                         # dotted path of the final classifier layer
     weights_enum: object | None       # torchvision WeightsEnum class
+    dims: int = 0                     # size of the default layer's features
     ports: tuple[str, ...] = ()       # names of ported weights (featx.ports)
     summary: str = ""
     builder: Callable[..., nn.Module] | None = None  # (num_classes, pretrained) -> model
@@ -116,9 +117,9 @@ class BackboneInfo:
         return names + list(self.ports)
 
 
-def _tv(name, family, default_layer, head, summary):
+def _tv(name, family, default_layer, head, dims, summary):
     from torchvision.models import get_model_weights
-    return BackboneInfo(name, family, default_layer, head, get_model_weights(name), summary=summary)
+    return BackboneInfo(name, family, default_layer, head, get_model_weights(name), dims, summary=summary)
 
 
 def _lite0_builder(num_classes=1000, pretrained=False):
@@ -129,21 +130,21 @@ def _lite0_builder(num_classes=1000, pretrained=False):
 @functools.lru_cache(maxsize=1)
 def registry() -> dict[str, BackboneInfo]:
     entries = [
-        _tv("resnet18", "resnet", "flatten", "fc", "ResNet-18, 512-d pooled features"),
-        _tv("resnet34", "resnet", "flatten", "fc", "ResNet-34, 512-d pooled features"),
-        _tv("resnet50", "resnet", "flatten", "fc", "ResNet-50, 2048-d pooled features"),
-        _tv("vgg16", "vgg", "classifier.4", "classifier.6", "VGG-16, 4096-d fc7 (after ReLU)"),
-        _tv("vgg16_bn", "vgg", "classifier.4", "classifier.6", "VGG-16 with BatchNorm, 4096-d fc7"),
-        _tv("alexnet", "alexnet", "classifier.5", "classifier.6", "AlexNet, 4096-d fc7 (after ReLU)"),
-        _tv("inception_v3", "inception", "flatten", "fc", "Inception v3 (299 px), 2048-d pooled"),
-        _tv("mobilenet_v2", "mobilenet", "flatten", "classifier.1", "MobileNetV2, 1280-d pooled"),
-        _tv("mobilenet_v3_large", "mobilenet", "classifier.1", "classifier.3", "MobileNetV3-Large, 1280-d"),
-        _tv("efficientnet_b0", "efficientnet", "flatten", "classifier.1", "EfficientNet-B0, 1280-d pooled"),
-        _tv("densenet121", "densenet", "flatten", "classifier", "DenseNet-121, 1024-d pooled"),
+        _tv("resnet18", "resnet", "flatten", "fc", 512, "ResNet-18, 512-d pooled features"),
+        _tv("resnet34", "resnet", "flatten", "fc", 512, "ResNet-34, 512-d pooled features"),
+        _tv("resnet50", "resnet", "flatten", "fc", 2048, "ResNet-50, 2048-d pooled features"),
+        _tv("vgg16", "vgg", "classifier.4", "classifier.6", 4096, "VGG-16, 4096-d fc7 (after ReLU)"),
+        _tv("vgg16_bn", "vgg", "classifier.4", "classifier.6", 4096, "VGG-16 with BatchNorm, 4096-d fc7"),
+        _tv("alexnet", "alexnet", "classifier.5", "classifier.6", 4096, "AlexNet, 4096-d fc7 (after ReLU)"),
+        _tv("inception_v3", "inception", "flatten", "fc", 2048, "Inception v3 (299 px), 2048-d pooled"),
+        _tv("mobilenet_v2", "mobilenet", "flatten", "classifier.1", 1280, "MobileNetV2, 1280-d pooled"),
+        _tv("mobilenet_v3_large", "mobilenet", "classifier.1", "classifier.3", 1280, "MobileNetV3-Large, 1280-d"),
+        _tv("efficientnet_b0", "efficientnet", "flatten", "classifier.1", 1280, "EfficientNet-B0, 1280-d pooled"),
+        _tv("densenet121", "densenet", "flatten", "classifier", 1024, "DenseNet-121, 1024-d pooled"),
         BackboneInfo("squeezenet1_1", "squeezenet", "features.12", "classifier.1",
-                     __import__("torchvision.models", fromlist=["x"]).get_model_weights("squeezenet1_1"),
+                     __import__("torchvision.models", fromlist=["x"]).get_model_weights("squeezenet1_1"), 512,
                      ports=("NDF",), summary="SqueezeNet 1.1, 512-d (avg-pooled last Fire module)"),
-        BackboneInfo("efficientnet_lite0", "efficientnet_lite", "_avg_pooling", "_fc", None,
+        BackboneInfo("efficientnet_lite0", "efficientnet_lite", "_avg_pooling", "_fc", None, 1280,
                      ports=("TF_LITE0",), summary="EfficientNet-Lite0 (TF port), 1280-d pooled",
                      builder=_lite0_builder),
     ]

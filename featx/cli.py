@@ -139,12 +139,11 @@ def backbones_cmd():
     for name in list_backbones():
         info = get_backbone(name)
         rw = resolve_weights(info, "auto")
-        dims = info.summary.split(",")[-1].strip()
         status = "; ".join(f"{w}: {s}" for w, s in weights_status(info))
         auto = f"{rw.name} ({'offline' if rw.available else 'download'})"
         size = f"{rw.preprocess.crop}px"
-        rows.append([name, info.default_layer, dims, size, auto, status])
-    click.echo(_table(rows, ["backbone", "default layer", "features", "input", "auto weights", "all weights"]))
+        rows.append([name, info.default_layer, str(info.dims), size, auto, status])
+    click.echo(_table(rows, ["backbone", "default layer", "dims", "input", "auto weights", "all weights"]))
 
 
 @cli.command("layers")

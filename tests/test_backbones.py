@@ -1,0 +1,60 @@
+"""The registry's metadata is true of the real torchvision models."""
+
+import pytest
+import torch
+
+import featx
+from featx.backbones import get_backbone, list_backbones, resolve_weights
+from featx.errors import WeightsError
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_backbones())
+def test_default_layer_dims_and_head_match_the_model(name):
+    info = get_backbone(name)
+    rows = {r["layer"]: r for r in featx.layer_table(name)}
+    assert rows[info.default_layer]["default"]
+    assert rows[info.default_layer]["avg_dim"] == info.dims
+    model = info.build(num_classes=7)
+    head = model.get_submodule(info.head)
+    out = head.out_features if isinstance(head, torch.nn.Linear) else head.out_channels
+    assert out == 7
+
+
+def test_inception_takes_299px_and_preprocessing_comes_from_the_weights():
+    rw = resolve_weights("inception_v3", "IMAGENET1K_V1")
+    assert (rw.preprocess.resize, rw.preprocess.crop) == (342, 299)
+    assert resolve_weights("efficientnet_b0", "DEFAULT").preprocess.interpolation == "bicubic"
+    assert resolve_weights("resnet50", "IMAGENET1K_V2").preprocess.resize == 232
+
+
+def test_missing_download_fails_with_a_hint_when_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty hub cache
+    rw = resolve_weights("resnet18", "IMAGENET1K_V1")
+    assert not rw.available and rw.source.startswith("download from https://download.pytorch.org/")
+    if _network_reachable():
+        pytest.skip("a network is reachable here; the download would succeed")
+    with pytest.raises(WeightsError, match=r"resnet18 IMAGENET1K_V1 weights are not on this machine and could not be downloaded"):
+        featx.load_backbone("resnet18", "IMAGENET1K_V1")
+
+
+def _network_reachable():
+    import socket
+    try:
+        socket.create_connection(("download.pytorch.org", 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_torch_hub_cached_file_is_used_offline(monkeypatch, tmp_path):
+    """Where a user once downloaded the weights, featx loads them with no network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    lb = featx.load_backbone("resnet18", "none", seed=5)
+    ckpt = tmp_path / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    from torchvision.models import ResNet18_Weights
+    fname = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    torch.save(lb.model.state_dict(), ckpt / fname)
+    rw = resolve_weights("resnet18", "auto")
+    assert rw.available and rw.name == "IMAGENET1K_V1" and "torch hub cache" in rw.source

@@ -30,7 +30,7 @@ from .data import Dataset, Sample, load_image
 from .errors import BackboneError, ConfigError, ImageError
 
 POOLS = ("avg", "max", "avgmax", "none")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGES = ("float32", "float16")
 _INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
@@ -104,11 +104,11 @@ def pool_features(t: torch.Tensor, pool: str) -> torch.Tensor:
 class FeatureNet(nn.Module):
     """uint8 NCHW images in, one pooled (N, D) tensor per requested layer out."""
 
-    def __init__(self, model: nn.Module, layers: list[str], pool: str, pre: Preprocess):
+    def __init__(self, model: nn.Module, layers: list[str], pool: str, pre: Preprocess, fuse: bool = False):
         super().__init__()
         self.layers = list(layers)
         self.pool = pool
-        self.body, self.node_of = _feature_body(model, self.layers)
+        self.body, self.node_of = _feature_body(fuse_conv_bn(model) if fuse else model, self.layers)
         std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
         # (x/255 - mean)/std as one multiply-add
@@ -119,6 +119,40 @@ class FeatureNet(nn.Module):
         x = x.float() * self.scale + self.shift
         outs = self.body(x)
         return [pool_features(outs[self.node_of[name]], self.pool).float() for name in self.layers]
+
+
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm that directly follows a Conv2d into the
+    conv (BN becomes Identity), keeping all module and node names.
+
+    Inference only: the fused model computes the same function with one
+    pass over memory instead of two (about 1.5x faster on CPU)."""
+    import copy
+
+    import torch.fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - untraceable models stay unfused
+        return model
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and isinstance(modules.get(src.target), nn.Conv2d)
+                and not modules[node.target].training and modules[node.target].track_running_stats):
+            pairs.append((src.target, node.target))
+    if not pairs:
+        return model
+    model = copy.deepcopy(model)  # the caller's model stays as it was
+    modules = dict(model.named_modules())
+    for conv, bn in pairs:
+        model.set_submodule(conv, fuse_conv_bn_eval(modules[conv], modules[bn]))
+        model.set_submodule(bn, nn.Identity())
+    return model
 
 
 class _Hooked(nn.Module):
@@ -255,13 +289,37 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run in hardware (elsewhere they are
+    emulated and far slower than fp32)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
+    """``auto``: bf16 (else fp16) on GPUs, bf16 on CPUs that have it natively,
+    otherwise fp32. The resolved value is what goes into the cache key."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    dev = resolve_device(device if isinstance(device, str) or device is None else str(device))
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def feature_specs(backbone: str, weights: str | None = "auto", layers: list[str] | None = None,
-                  pool: str = "avg", precision: str = "fp32", storage: str = "float32", seed: int = 0):
+                  pool: str = "avg", precision: str = "auto", storage: str = "float32", seed: int = 0,
+                  device: str | None = "auto"):
     """The cache specs an extraction would fill, without loading anything heavy."""
     if pool not in POOLS:
         raise ConfigError(f"--pool {pool}: use one of {', '.join(POOLS)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    precision = resolve_precision(precision, device)
     if storage not in STORAGES:
         raise ConfigError(f"--storage {storage}: use one of {', '.join(STORAGES)}")
     info = get_backbone(backbone)
@@ -313,9 +371,9 @@ def extract(
     weights: str | None = "auto",
     layers: list[str] | None = None,
     pool: str = "avg",
-    precision: str = "fp32",
+    precision: str = "auto",
     storage: str = "float32",
-    batch_size: int = 32,
+    batch_size: int | None = None,
     device: str | None = "auto",
     cache: FeatureCache | str | os.PathLike = "cache",
     workers: int | None = None,
@@ -324,6 +382,7 @@ def extract(
     seed: int = 0,
     notify=None,
     loaded: LoadedBackbone | None = None,
+    compile: str | bool = "auto",
 ) -> ExtractReport:
     """Extract ``layers`` of ``backbone`` for every image not yet cached.
 
@@ -336,9 +395,10 @@ def extract(
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     samples = dataset.samples if isinstance(dataset, Dataset) else list(dataset)
     manifest = dataset.manifest() if isinstance(dataset, Dataset) else None
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-    info, rw, specs = feature_specs(backbone, weights, layers, pool, precision, storage, seed)
+    info, rw, specs = feature_specs(backbone, weights, layers, pool, precision, storage, seed, device)
+    precision = specs[0].precision
     if loaded is None and rw.kind == "file":
         # a weights file that does not fit fails before any image is read
         loaded = load_backbone(info.name, resolved=rw, seed=seed)
@@ -363,7 +423,7 @@ def extract(
             lb = loaded or load_backbone(info.name, resolved=rw, seed=seed)
             extracted, skipped = _run(lb, needed, todo, cache, batch_size=batch_size, device=dev,
                                       precision=precision, workers=workers, strict=strict,
-                                      progress=progress, notify=notify)
+                                      progress=progress, notify=notify, compile=compile)
         for spec in specs:
             cache.consolidate(spec.key, spec, manifest=manifest)
     return ExtractReport(specs, keys, len(unique), n_cached, extracted, resumed, skipped,
@@ -414,16 +474,87 @@ class _PartWriter:
             raise self.error
 
 
+def auto_batch_size(net: nn.Module, crop: int, device: torch.device, precision: str, start: int = 256) -> int:
+    """CPU: 32 (bigger batches do not run faster there). GPU: the largest
+    power of two up to ``start`` whose forward pass fits in memory."""
+    if device.type != "cuda":
+        return 32
+    size = start
+    while size > 1:
+        try:
+            x = torch.zeros((size, 3, crop, crop), dtype=torch.uint8, device=device)
+            with torch.inference_mode(), _autocast(device, precision):
+                net(x.contiguous(memory_format=torch.channels_last))
+            torch.cuda.synchronize(device)
+            return size
+        except torch.cuda.OutOfMemoryError:
+            size //= 2
+            torch.cuda.empty_cache()
+    return 1
+
+
+class Forward:
+    """The frozen network as extraction runs it: BN folded into convs,
+    channels_last, inference_mode, autocast in ``precision``, and optionally
+    compiled with torch.compile (inductor, frozen weights).
+
+    A compiled forward sees one batch shape only: a short last batch is
+    padded and the padding dropped, so nothing recompiles. If compiling
+    fails (no C++ compiler, say), it says so once and runs eagerly."""
+
+    def __init__(self, lb: LoadedBackbone, layers: list[str], pool: str, device: torch.device,
+                 precision: str, compile: bool = False, notify=None):
+        self.net = FeatureNet(lb.model, layers, pool, lb.preprocess, fuse=True).eval().to(device)
+        self.net = self.net.to(memory_format=torch.channels_last)
+        self.device, self.precision = device, precision
+        self.notify = notify or (lambda msg: None)
+        self.compiled = torch.compile(self.net, dynamic=False) if compile else None
+        self.batch_size: int | None = None
+
+    def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
+        n = images.shape[0]
+        x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), _autocast(self.device, self.precision):
+            if self.compiled is not None:
+                if self.batch_size is None:
+                    self.batch_size = n
+                if n < self.batch_size:
+                    pad = x.new_zeros((self.batch_size - n, *x.shape[1:])).contiguous(memory_format=torch.channels_last)
+                    x = torch.cat([x, pad])
+                try:
+                    import torch._inductor.config as inductor_config
+                    with inductor_config.patch(freezing=True):
+                        outs = self.compiled(x)
+                except Exception as e:  # noqa: BLE001 - any compile failure: fall back
+                    self.notify(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); running eagerly")
+                    self.compiled = None
+                    outs = self.net(x)
+            else:
+                outs = self.net(x)
+        return [o[:n].float().cpu().numpy() for o in outs]
+
+
+def should_compile(compile: str | bool, n_images: int, device: torch.device) -> bool:
+    """``auto``: compile when the run is long enough to repay it (about 20-40 s
+    of compiling on a 2-core CPU buys 1.5-2x for every batch after)."""
+    if isinstance(compile, bool):
+        return compile
+    if compile not in ("auto", "on", "off"):
+        raise ConfigError(f"--compile {compile}: use auto, on or off")
+    if compile != "auto":
+        return compile == "on"
+    return n_images >= (1500 if device.type == "cpu" else 20000)
+
+
 def _run(lb: LoadedBackbone, specs, todo: list[Sample], cache: FeatureCache, *, batch_size, device,
-         precision, workers, strict, progress, notify):
+         precision, workers, strict, progress, notify, compile="auto"):
     from tqdm.auto import tqdm
 
-    layers = [s.layer for s in specs]
-    net = FeatureNet(lb.model, layers, specs[0].pool, lb.preprocess).eval().to(device)
-    channels_last = device.type == "cuda" or precision != "fp32"
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    forward = Forward(lb, [s.layer for s in specs], specs[0].pool, device, precision,
+                      compile=should_compile(compile, len(todo), device), notify=notify)
     workers = default_workers(len(todo)) if workers is None else workers
+    if batch_size is None:
+        batch_size = auto_batch_size(forward.net, lb.preprocess.crop, device, precision)
     loader = torch.utils.data.DataLoader(
         ImageFiles([s.path for s in todo], lb.preprocess), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
@@ -434,28 +565,20 @@ def _run(lb: LoadedBackbone, specs, todo: list[Sample], cache: FeatureCache, *, 
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {lb.info.name}", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
     try:
-        with torch.inference_mode():
-            for images, idx, errors in loader:
-                bad = [i for i, e in enumerate(errors) if e]
-                for i in bad:
-                    path, reason = str(todo[int(idx[i])].path), errors[i]
-                    if strict:
-                        raise ImageError(path, reason + " (--strict stops at the first bad image)")
-                    skipped.append((path, reason))
-                    bar.write(f"skipped {path}: {reason}")
-                keep = [i for i in range(len(errors)) if not errors[i]]
-                if keep:
-                    if bad:
-                        images = images[keep]
-                    x = images.to(device, non_blocking=True)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with _autocast(device, precision):
-                        outs = net(x)
-                    arrays = [o.float().cpu().numpy() for o in outs]
-                    writer.put([todo[int(idx[i])].id for i in keep], arrays)
-                    done += len(keep)
-                bar.update(len(errors))
+        for images, idx, errors in loader:
+            bad = [i for i, e in enumerate(errors) if e]
+            for i in bad:
+                path, reason = str(todo[int(idx[i])].path), errors[i]
+                if strict:
+                    raise ImageError(path, reason + " (--strict stops at the first bad image)")
+                skipped.append((path, reason))
+                bar.write(f"skipped {path}: {reason}")
+            keep = [i for i in range(len(errors)) if not errors[i]]
+            if keep:
+                arrays = forward(images[keep] if bad else images)
+                writer.put([todo[int(idx[i])].id for i in keep], arrays)
+                done += len(keep)
+            bar.update(len(errors))
     finally:
         bar.close()
         writer.close()

@@ -1,0 +1,269 @@
+"""How fast is featx extract, against the loop tutorials write and the
+model's own compute ceiling? All numbers come from one process run on the
+same images.
+
+    python benchmarks/extract_speed.py                    # mobilenet_v2 and resnet50
+    python benchmarks/extract_speed.py --backbone mobilenet_v2 --n 512
+
+(a) naive: PIL open + weights.transforms() per image in the main process,
+    stack 32, fp32 forward (model as torchvision builds it), append to a list
+(b) forward only: featx's network (BN folded into convs, channels_last,
+    inference_mode) on pre-made uint8 batches, in the precision featx uses:
+    the compute ceiling
+(c) featx extract end to end, cold cache, HDF5 writes included
+
+Also: where featx's time goes (decode, forward, write), peak RSS for N and
+4N images (extraction streams, so it must not grow), and the downstream
+accuracy of a logistic-regression probe on fp32 vs reduced-precision
+features of the same images.
+
+Images: ../shared/data/clothing-small when present, else generated JPEGs
+of the same size range (600-900 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data" / "clothing-small"
+
+
+def image_list(n: int, workdir: Path) -> list[Path]:
+    if SHARED.is_dir():
+        paths = sorted(SHARED.glob("train/*/*.jpg")) + sorted(SHARED.glob("test/*/*.jpg"))
+        rng = np.random.default_rng(0)
+        return [paths[i] for i in rng.permutation(len(paths))[:n]]
+    from PIL import Image
+    out = workdir / "generated"
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = out / f"c{i % 10}" / f"{i}.jpg"
+        if not p.exists():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            w, h = int(rng.integers(600, 900)), int(rng.integers(600, 900))
+            base = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8)
+            Image.fromarray(base).resize((w, h), Image.BILINEAR).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def samples_for(paths):
+    from featx.data import Sample, content_id
+    return [Sample(p, p.parent.name, "train", content_id(p)) for p in paths]
+
+
+def naive(backbone: str, weights, paths, batch=32):
+    """What a tutorial does."""
+    from PIL import Image
+    lb = __import__("featx").load_backbone(backbone, weights)
+    tv_weights = lb.info.weights_enum[lb.weights.name] if lb.weights.kind == "torchvision" else None
+    transform = tv_weights.transforms() if tv_weights is not None else None
+    model = lb.model
+    feats = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(paths), batch):
+            xs = [transform(Image.open(p).convert("RGB")) for p in paths[s:s + batch]]
+            feats.append(model(torch.stack(xs)).numpy())
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def forward_only(backbone, weights, n, precision, compile=False, batch=32, plain=False):
+    """Forward passes on pre-made batches: ``plain`` = the torchvision model as
+    built (fp32, NCHW), else featx's Forward (folded BN, channels_last,
+    optionally compiled; compile time excluded)."""
+    import featx
+    from featx.extract import Forward
+    lb = featx.load_backbone(backbone, weights)
+    crop = lb.preprocess.crop
+    x = torch.randint(0, 255, (batch, 3, crop, crop), dtype=torch.uint8)
+    if plain:
+        xf = x.float() / 255
+        def step():
+            with torch.inference_mode():
+                lb.model(xf)
+    else:
+        fwd = Forward(lb, [lb.info.default_layer], "avg", torch.device("cpu"), precision, compile=compile)
+        def step():
+            fwd(x)
+    step()
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        step()
+        done += batch
+    return done / (time.perf_counter() - t0)
+
+
+def featx_extract(backbone, weights, paths, precision, cache_dir, workers=None, compile="auto"):
+    import featx
+    samples = samples_for(paths)
+    t0 = time.perf_counter()
+    rep = featx.extract(samples, backbone, weights=weights, precision=precision, cache=cache_dir,
+                        progress=False, workers=workers, compile=compile)
+    dt = time.perf_counter() - t0
+    return rep.n_extracted / dt, rep
+
+
+def breakdown(backbone, weights, paths, precision):
+    """Time per stage with no overlap: decode+resize, forward, HDF5 write."""
+    import featx
+    from featx.cache import FeatureCache, FeatureSpec
+    from featx.extract import FeatureNet, ImageFiles, _autocast, collate
+    lb = featx.load_backbone(backbone, weights)
+    ds = ImageFiles(paths, lb.preprocess)
+    t0 = time.perf_counter()
+    items = [ds[i] for i in range(len(ds))]
+    t_decode = time.perf_counter() - t0
+    net = FeatureNet(lb.model, [lb.info.default_layer], "avg", lb.preprocess, fuse=True).eval()
+    net = net.to(memory_format=torch.channels_last)
+    outs = []
+    t0 = time.perf_counter()
+    with torch.inference_mode(), _autocast(torch.device("cpu"), precision):
+        for s in range(0, len(items), 32):
+            x, _, _ = collate(items[s:s + 32])
+            outs.append(net(x.contiguous(memory_format=torch.channels_last))[0].float().numpy())
+    t_forward = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as d:
+        cache = FeatureCache(d)
+        spec = FeatureSpec(backbone, "bench", lb.info.default_layer, "avg", lb.preprocess.as_dict(), precision)
+        t0 = time.perf_counter()
+        for i, o in enumerate(outs):
+            cache.write_part(spec.key, spec, [f"{i:08d}{j:024d}" for j in range(len(o))], o)
+        cache.consolidate(spec.key, spec)
+        t_write = time.perf_counter() - t0
+    total = t_decode + t_forward + t_write
+    return {"decode+resize": t_decode / total, "forward": t_forward / total, "hdf5 write": t_write / total,
+            "decode ms/img": 1000 * t_decode / len(paths)}
+
+
+def peak_rss_child(backbone, weights, paths, precision) -> float:
+    """Peak RSS (MiB) of a fresh process extracting ``paths`` (workers included)."""
+    code = (
+        "import sys, json, resource, featx, pathlib\n"
+        "from featx.data import Sample, content_id\n"
+        "paths=[pathlib.Path(p) for p in json.load(open(sys.argv[1]))]\n"
+        "s=[Sample(p, p.parent.name, 'train', content_id(p)) for p in paths]\n"
+        "featx.extract(s, sys.argv[2], weights=sys.argv[3], precision=sys.argv[4], cache=sys.argv[5], progress=False)\n"
+        "me=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; ch=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+        "print(json.dumps({'self': me/1024, 'children': ch/1024}))\n")
+    with tempfile.TemporaryDirectory() as d:
+        listing = Path(d) / "paths.json"
+        listing.write_text(json.dumps([str(p) for p in paths]))
+        out = subprocess.run([sys.executable, "-c", code, str(listing), backbone, weights, precision, d + "/cache"],
+                             capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return r["self"], r["children"]
+
+
+def probe_accuracy(backbone, weights, paths, precisions):
+    """Logistic regression on features of the same images, per precision."""
+    import featx
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    samples = samples_for(paths)
+    labels = np.array([s.label for s in samples])
+    idx_tr, idx_te = train_test_split(np.arange(len(samples)), test_size=0.3, random_state=0, stratify=labels)
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for prec in precisions:
+            rep = featx.extract(samples, backbone, weights=weights, precision=prec, cache=d, progress=False)
+            X = featx.FeatureCache(d).read(rep.keys[0], [s.id for s in samples])
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+            clf.fit(X[idx_tr], labels[idx_tr])
+            out[prec] = float((clf.predict(X[idx_te]) == labels[idx_te]).mean())
+    return out
+
+
+def run(backbone, weights, n, precision, do_rss, probe_n):
+    from featx.extract import resolve_precision
+    precision = resolve_precision(precision, "cpu")
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        paths = image_list(max(n, 4 * n if do_rss else n), work)
+        main = paths[:n]
+        row = {"backbone": backbone, "n": n, "precision": precision, "threads": torch.get_num_threads()}
+        row["a_naive"] = naive(backbone, weights, main)
+        row["b_plain"] = forward_only(backbone, weights, n, precision, plain=True)
+        row["b_eager"] = forward_only(backbone, weights, n, precision, compile=False)
+        row["b_compiled"] = forward_only(backbone, weights, n, precision, compile=True)
+        row["c_eager"], _ = featx_extract(backbone, weights, main, precision, work / "c1", compile="off")
+        row["c_compiled"], _ = featx_extract(backbone, weights, main, precision, work / "c2", compile="on")
+        row["c_featx"] = max(row["c_eager"], row["c_compiled"])
+        row["b_forward"] = row["b_compiled"] if row["c_compiled"] >= row["c_eager"] else row["b_eager"]
+        row["c/a"] = row["c_featx"] / row["a_naive"]
+        row["c/b"] = row["c_featx"] / row["b_forward"]
+        row["breakdown"] = breakdown(backbone, weights, main[: min(n, 128)], precision)
+        if do_rss:
+            row["rss_N"] = peak_rss_child(backbone, weights, paths[:n], precision)
+            row["rss_4N"] = peak_rss_child(backbone, weights, paths[: 4 * n], precision)
+        if probe_n:
+            reduced = "bf16"
+            row["probe"] = probe_accuracy(backbone, weights, paths[:probe_n], ["fp32", reduced])
+    return row
+
+
+def print_row(r):
+    print(f"\n## {r['backbone']}: {r['n']} images, precision {r['precision']}, {r['threads']} torch threads")
+    print("| path | images/s | vs (a) |")
+    print("|---|---:|---:|")
+    a = r["a_naive"]
+    for label, key in [("(a) naive loop (PIL + transforms per image, fp32 NCHW)", "a_naive"),
+                       ("(b) forward only, torchvision model as built (fp32 NCHW)", "b_plain"),
+                       ("(b) forward only, featx network (BN folded, channels_last)", "b_eager"),
+                       ("(b) forward only, featx network compiled", "b_compiled"),
+                       ("(c) featx extract, cold cache, --compile off", "c_eager"),
+                       ("(c) featx extract, cold cache, --compile on (compile time included)", "c_compiled")]:
+        print(f"| {label} | {r[key]:.1f} | {r[key] / a:.2f}x |")
+    print(f"\n(c)/(a) = {r['c/a']:.2f}x   (c)/(b) = {r['c/b']:.2f} (b = the same network, same precision)")
+    b = r["breakdown"]
+    print("where the time goes (serial, no overlap): " + ", ".join(
+        f"{k} {v:.0%}" for k, v in b.items() if k != "decode ms/img") + f"; decode {b['decode ms/img']:.1f} ms/img")
+    if "rss_N" in r:
+        (sN, cN), (s4, c4) = r["rss_N"], r["rss_4N"]
+        print(f"peak RSS: N={r['n']}: {sN:.0f} MiB (+ workers {cN:.0f}); 4N={4 * r['n']}: {s4:.0f} MiB "
+              f"(+ workers {c4:.0f}); growth {100 * (s4 / sN - 1):+.1f}%")
+    if "probe" in r:
+        p = r["probe"]
+        print("logistic-regression probe accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in p.items())
+              + f"; difference {100 * abs(p['fp32'] - p['bf16']):.1f} points")
+    sys.stdout.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", action="append", help="default: mobilenet_v2 and resnet50")
+    ap.add_argument("--weights", default="none",
+                    help="auto for real weights where installed; none (default) gives the same speed for any backbone")
+    ap.add_argument("--n", type=int, default=384)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--probe-n", type=int, default=0, help="images for the fp32 vs bf16 probe (0: skip)")
+    ap.add_argument("--json", help="also write the rows as JSON here")
+    args = ap.parse_args()
+    rows = []
+    for bb in args.backbone or ["mobilenet_v2", "resnet50"]:
+        r = run(bb, args.weights, args.n, args.precision, not args.no_rss, args.probe_n)
+        print_row(r)
+        rows.append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

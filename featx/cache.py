@@ -18,7 +18,7 @@ entry plus its parts into ``<key>.h5.tmp-PID`` and renames that over the
 entry. A run killed at any moment therefore leaves the old entry intact and
 its completed batches on disk; the next run consolidates them first and
 extracts only what is still missing. Writers of one entry hold
-``<key>.lock`` (a file lock), so two processes never merge at once.
+``.locks/<key>.lock`` (a file lock), so two processes never merge at once.
 """
 
 from __future__ import annotations
@@ -139,9 +139,12 @@ class FeatureCache:
     def parts_dir(self, key: str) -> Path:
         return self.root / f"{key}.parts"
 
+    def lock_path(self, key: str) -> Path:
+        return self.root / ".locks" / f"{key}.lock"
+
     def lock(self, key: str) -> FileLock:
-        self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / f"{key}.lock"))
+        self.lock_path(key).parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.lock_path(key)))
 
     @property
     def hash_index(self) -> Path:
@@ -204,7 +207,7 @@ class FeatureCache:
                     p.unlink()
                     removed.append(p)
         with contextlib.suppress(OSError):
-            (self.root / f"{key}.lock").unlink()
+            self.lock_path(key).unlink()
         return removed
 
     # ---- reading

@@ -17,6 +17,9 @@ class ImageError(FeatxError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self):  # crosses process boundaries (DataLoader, Dask) intact
+        return (ImageError, (self.path, self.reason))
+
 
 class BackboneError(FeatxError):
     """Unknown backbone, layer or weights that do not fit."""

@@ -42,7 +42,7 @@ def noisy():
 
 def test_registry_has_the_five_classifiers_with_grids():
     assert set(CLASSIFIERS) == {"logreg", "linear-svm", "sgd", "knn", "rbf-svm"}
-    assert CLASSIFIERS["logreg"].grid == tuple(float(c) for c in np.logspace(-4, 2, 7))
+    assert CLASSIFIERS["logreg"].grid == tuple(float(c) for c in np.logspace(-5, 0, 6))
     assert CLASSIFIERS["linear-svm"].param_name == "C"
     assert CLASSIFIERS["sgd"].param_name == "alpha"
     assert CLASSIFIERS["knn"].param_name == "n_neighbors"

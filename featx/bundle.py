@@ -1,0 +1,479 @@
+"""Model bundles: everything ``featx predict`` needs, in one folder.
+
+A bundle is a directory, by convention ``NAME.featx/``::
+
+    manifest.json   what a human (or another tool) needs to know: format
+                    version, kind, class names, the backbone and the exact
+                    weights (identity and sha256), layer, pooling,
+                    preprocessing, the cache spec of the features, the
+                    classifier and how its parameter was chosen, the
+                    training data, library versions, and the sha256 of
+                    every payload file
+    model.joblib    kind "linear": the fitted scikit-learn Pipeline
+                    (scaler, optional PCA, classifier)
+
+``manifest.json`` is plain JSON; read it with any tool. The payload is a
+pickle (joblib): load bundles only from sources you trust, as with any
+pickle.
+
+A bundle is written to a temporary folder beside its destination and moved
+into place only when complete; an existing bundle is replaced only then.
+
+Kinds
+-----
+``kind`` says what the payload is and how it turns images into
+probabilities. Each kind is a :class:`BundleKind` (payload files, save,
+load, probabilities) found through :data:`KINDS`: the "linear" kind
+(frozen backbone features from the cache, then the Pipeline) lives here;
+"finetune" (the whole network in ``backbone.pt``) lives in
+:mod:`featx.finetune`. A kind is added by naming its :class:`BundleKind` in
+:data:`KINDS` (``"module:attribute"``, imported on first use) or with
+:func:`register_kind`. Everything else
+(:func:`load_bundle`, :func:`bundle_probabilities`, the CLI) dispatches
+through :func:`get_kind`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .backbones import file_sha256
+from .cache import _fsync
+from .errors import FeatxError, WeightsError
+
+__all__ = [
+    "BUNDLE_FORMAT", "Bundle", "BundleError", "BundleKind", "KINDS", "Predictions",
+    "bundle_probabilities", "check_destination", "check_weights", "dataset_record", "get_kind", "linear_manifest",
+    "load_bundle", "register_kind", "save_bundle",
+]
+
+BUNDLE_FORMAT = 1
+MANIFEST = "manifest.json"
+SUFFIX = ".featx"
+
+
+class BundleError(FeatxError):
+    """Not a bundle, a damaged one, or one this featx cannot read."""
+
+
+# --------------------------------------------------------------------------
+# kinds
+
+
+@dataclass(frozen=True)
+class BundleKind:
+    """How one kind of bundle stores its payload and makes probabilities.
+
+    Attributes
+    ----------
+    name : str
+        The ``kind`` written in ``manifest.json``.
+    files : tuple of str
+        Payload files inside the bundle (each gets a sha256 in the manifest).
+    save : callable
+        ``save(payload, folder)`` writes the payload files into ``folder``.
+    load : callable
+        ``load(folder, manifest) -> payload``.
+    probabilities : callable
+        ``probabilities(bundle, samples, **options) -> Predictions``; see
+        :func:`bundle_probabilities` for the options.
+    """
+
+    name: str
+    files: tuple[str, ...]
+    save: Callable[[Any, Path], None]
+    load: Callable[[Path, dict], Any]
+    probabilities: Callable[..., "Predictions"]
+
+
+# kind -> BundleKind, or "module:attribute" naming one (imported when first used)
+KINDS: dict[str, BundleKind | str] = {"linear": "featx.bundle:LINEAR", "finetune": "featx.finetune:FINETUNE"}
+
+
+def register_kind(kind: BundleKind) -> None:
+    """Make ``kind`` loadable (e.g. from the module that defines it)."""
+    KINDS[kind.name] = kind
+
+
+def get_kind(name: str) -> BundleKind:
+    """The :class:`BundleKind` called ``name``; :class:`BundleError` when unknown."""
+    entry = KINDS.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise BundleError(f"unknown bundle kind {name!r}; this featx reads: {', '.join(KINDS)}")
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+        KINDS[name] = entry
+    return entry
+
+
+# --------------------------------------------------------------------------
+# the bundle
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: its folder, its manifest and its payload."""
+
+    path: Path
+    manifest: dict
+    payload: Any
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def backbone(self) -> dict:
+        return self.manifest["backbone"]
+
+    @property
+    def feature_spec(self):
+        from .cache import FeatureSpec
+        return FeatureSpec.from_json(self.manifest["features"]["spec"])
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _versions() -> dict:
+    import joblib
+    import sklearn
+    import torch
+    import torchvision
+
+    from . import __version__
+    return {"featx": __version__, "scikit-learn": sklearn.__version__, "joblib": joblib.__version__,
+            "numpy": np.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": sys.version.split()[0]}
+
+
+def check_destination(path: str | os.PathLike) -> Path:
+    """``path`` if a bundle may be written there (nothing, or a bundle to replace)."""
+    path = Path(path).expanduser()
+    if path.exists() and not (path.is_dir() and (path / MANIFEST).is_file()):
+        raise BundleError(f"{path}: exists and is not a featx bundle; choose another --out")
+    return path
+
+
+def save_bundle(path: str | os.PathLike, manifest: dict, payload: Any) -> Path:
+    """Write a bundle atomically; returns its path.
+
+    ``manifest`` must hold ``kind`` (and whatever that kind's loader reads);
+    the format version, creation time, library versions and payload hashes
+    are added here. The files go to a temporary folder beside ``path``,
+    which replaces ``path`` only once complete. An existing ``path`` that is
+    not a bundle is never replaced.
+    """
+    path = check_destination(path)
+    kind = get_kind(manifest.get("kind"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    tmp.mkdir()
+    try:
+        kind.save(payload, tmp)
+        files = {}
+        for name in kind.files:
+            p = tmp / name
+            if not p.is_file():
+                raise BundleError(f"bundle kind {kind.name!r} did not write {name}")
+            _fsync(p)
+            files[name] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+        full = {"featx_bundle": BUNDLE_FORMAT, **manifest,
+                "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": _versions(), "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
+        old = None
+        if path.exists():
+            # the old bundle steps aside only now that the new one is complete
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Read a bundle: manifest, version and kind checks, payload hashes, payload.
+
+    Raises :class:`BundleError` with one line saying what is wrong: not a
+    bundle, a format or kind this featx does not read, missing or changed
+    payload files.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise BundleError(f"{path}: no such model bundle (make one with `featx train ... --out {path.name}`)")
+    mpath = path / MANIFEST
+    if not path.is_dir() or not mpath.is_file():
+        raise BundleError(f"{path}: not a featx model bundle (no {MANIFEST}; make one with `featx train`)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath}: unreadable ({e})") from None
+    if not isinstance(manifest, dict) or "featx_bundle" not in manifest:
+        raise BundleError(f"{path}: not a featx model bundle ({MANIFEST} has no 'featx_bundle' version)")
+    version = manifest["featx_bundle"]
+    if version != BUNDLE_FORMAT:
+        newer = isinstance(version, int) and version > BUNDLE_FORMAT
+        raise BundleError(f"{path}: bundle format {version!r} is unknown to featx "
+                          f"{_versions()['featx']}, which reads format {BUNDLE_FORMAT}"
+                          + ("; upgrade featx" if newer else ""))
+    kind = get_kind_for(path, manifest.get("kind"))
+    for name in kind.files:
+        p = path / name
+        if not p.is_file():
+            raise BundleError(f"{path}: incomplete bundle, {name} is missing")
+        want = (manifest.get("files") or {}).get(name, {}).get("sha256")
+        if want and file_sha256(p) != want:
+            raise BundleError(f"{p}: does not match the sha256 in {MANIFEST} (changed or damaged); "
+                              "restore the bundle or train again")
+    payload = kind.load(path, manifest)
+    warnings = []
+    made_with = (manifest.get("versions") or {}).get("scikit-learn")
+    here = _versions()["scikit-learn"]
+    if made_with and made_with != here:
+        warnings.append(f"{path.name} was made with scikit-learn {made_with}, this is {here}: "
+                        "predictions may differ slightly")
+    return Bundle(path, manifest, payload, warnings)
+
+
+def get_kind_for(path: Path, name) -> BundleKind:
+    try:
+        return get_kind(name)
+    except BundleError as e:
+        raise BundleError(f"{path}: {e}") from None
+
+
+# --------------------------------------------------------------------------
+# weights
+
+
+def _short(sha: str | None) -> str:
+    return sha[:16] if sha else "unknown"
+
+
+def _describe(identity: str, sha: str | None) -> str:
+    if identity.startswith("file:"):
+        return f"weights file with sha256 {_short(sha or identity[5:])}"
+    return f"{identity} (sha256 {_short(sha)})" if sha else identity
+
+
+def weights_sha256(rw) -> str | None:
+    """sha256 of the weights file behind a ResolvedWeights (None when there is no file)."""
+    from .backbones import sha256_of
+    if rw.meta.get("sha256"):
+        return rw.meta["sha256"]
+    if rw.path is not None and Path(rw.path).is_file():
+        return sha256_of(rw.path)
+    return None
+
+
+def _weights_request(backbone: dict) -> str:
+    """What to ask resolve_weights for to get the bundle's weights back."""
+    kind = backbone["weights_kind"]
+    if kind == "file":
+        saved = backbone.get("weights_path")
+        return saved if saved and Path(saved).is_file() else backbone["weights_spec"]
+    if kind == "none":
+        return "none"
+    return backbone["weights_name"]
+
+
+def check_weights(bundle: Bundle, weights: str | None = None):
+    """The weights to run the bundle's backbone with, checked against the bundle.
+
+    ``weights``: where to find them now (a ``--weights`` value, e.g. the
+    file at its new place); default: what the bundle recorded. Returns the
+    :class:`~featx.backbones.ResolvedWeights`; raises
+    :class:`~featx.errors.WeightsError` naming both identities and hashes
+    when the weights here are not the ones the bundle was made with.
+    """
+    from .backbones import get_backbone, resolve_weights
+    b = bundle.backbone
+    info = get_backbone(b["name"])
+    want = _describe(b["weights_identity"], b.get("weights_sha256"))
+    request = weights or _weights_request(b)
+    try:
+        rw = resolve_weights(info, request, seed=int(b.get("seed", 0)))
+    except WeightsError as e:
+        raise WeightsError(f"{bundle.path}: made with {b['name']} {want}, not available here: {e}; "
+                           "give them with --weights FILE") from None
+    if not rw.available:
+        raise WeightsError(f"{bundle.path}: made with {b['name']} {want}, which is not on this machine "
+                           f"({rw.hint}); give it with --weights FILE")
+    sha = weights_sha256(rw)
+    same = rw.identity == b["weights_identity"]
+    if same and b.get("weights_sha256") and sha and sha != b["weights_sha256"]:
+        same = False
+    if not same:
+        raise WeightsError(f"{bundle.path}: made with {b['name']} {want}, but the weights here are "
+                           f"{_describe(rw.identity, sha)}; give the original weights with --weights FILE "
+                           "or train again")
+    return rw
+
+
+# --------------------------------------------------------------------------
+# probabilities
+
+
+@dataclass
+class Predictions:
+    """Class probabilities for a list of samples, in their order.
+
+    ``proba`` has one row per sample and one column per bundle class; rows
+    of samples that could not be read are NaN and ``errors`` says why
+    (None for the good ones). ``extracted``/``cached``: images whose
+    features were computed now / read from the cache.
+    """
+
+    proba: np.ndarray
+    errors: list[str | None]
+    extracted: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+
+def bundle_probabilities(bundle: Bundle, samples: Sequence, **options) -> Predictions:
+    """Probabilities of every class for ``samples`` (``featx.data.Sample``).
+
+    Dispatches on the bundle's kind. Options: ``cache`` (feature cache
+    folder, default ``"cache"``), ``weights`` (where the bundle's weights
+    are now), ``progress``, ``notify``, and extraction settings that do not
+    change the numbers (``device``, ``batch_size``, ``workers``, ...), which
+    the "linear" kind passes to :func:`featx.extract.extract`.
+    """
+    return get_kind(bundle.kind).probabilities(bundle, list(samples), **options)
+
+
+def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weights=None, progress=True,
+                          notify=None, **extract_options) -> Predictions:
+    from .cache import FeatureCache
+    from .classify import predict_proba
+    from .extract import extract
+
+    rw = check_weights(bundle, weights)
+    spec = bundle.feature_spec
+    b = bundle.backbone
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    proba = np.full((len(samples), len(bundle.classes)), np.nan)
+    if not samples:
+        return Predictions(proba, [])
+    report = extract(samples, b["name"], weights=str(rw.path) if rw.kind == "file" else _weights_request(b),
+                     layers=[spec.layer], pool=spec.pool, precision=spec.precision, storage=spec.storage,
+                     cache=cache, progress=progress, seed=int(b.get("seed", 0)), notify=notify, **extract_options)
+    if report.specs[0].canonical() != spec.canonical():
+        raise BundleError(f"{bundle.path}: its features were {spec.canonical()}, this featx computes "
+                          f"{report.specs[0].canonical()}; train the model again")
+    reasons = dict(report.skipped)
+    have = set(cache.ids(spec.key))
+    errors = [None if s.id in have else reasons.get(str(s.path), "could not be read") for s in samples]
+    good = [i for i, e in enumerate(errors) if e is None]
+    if good:
+        X = cache.read(spec.key, [samples[i].id for i in good])
+        proba[good] = predict_proba(bundle.payload, X, classes=len(bundle.classes))
+    return Predictions(proba, errors, report.n_extracted, report.n_cached, report.seconds)
+
+
+def _save_joblib(payload, folder: Path) -> None:
+    import joblib
+    joblib.dump(payload, folder / "model.joblib", compress=3)
+
+
+def _load_joblib(folder: Path, manifest: dict):
+    import warnings
+
+    import joblib
+    try:
+        with warnings.catch_warnings():
+            # a version difference is reported once, by load_bundle
+            warnings.filterwarnings("ignore", message=".*Trying to unpickle estimator.*")
+            return joblib.load(folder / "model.joblib")
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a bad bundle
+        raise BundleError(f"{folder / 'model.joblib'}: cannot be loaded ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+LINEAR = BundleKind("linear", ("model.joblib",), _save_joblib, _load_joblib, _linear_probabilities)
+
+
+def dataset_record(dataset) -> dict:
+    """What a manifest says about the training data: name, id, where, layout, split, counts."""
+    return {"dataset": dataset.name, "dataset_id": dataset.id, "root": str(dataset.root),
+            "layout": dataset.layout, "split_made": dataset.split_made,
+            "counts": {s: dataset.counts(s) for s in dataset.splits}}
+
+
+def linear_manifest(*, classes: Sequence[str], spec, weights_spec: str, resolved, seed: int, dims: int,
+                    fit, pca, dataset=None, test_metrics: dict | None = None) -> dict:
+    """The manifest of a "linear" bundle (see :func:`save_bundle` for what is added).
+
+    ``spec``: the FeatureSpec the classifier was trained on; ``resolved``:
+    its ResolvedWeights; ``fit``: the :class:`~featx.classify.FitResult`;
+    ``dataset``: the training :class:`~featx.data.Dataset`.
+    """
+    from .classify import get_classifier_spec
+    training = None
+    if dataset is not None:
+        training = dataset_record(dataset)
+        if test_metrics is not None:
+            training["test_accuracy"] = test_metrics["accuracy"]
+            training["test_macro_f1"] = test_metrics["macro"]["f1"]
+    return {
+        "kind": "linear",
+        "classes": [str(c) for c in classes],
+        "backbone": {
+            "name": spec.backbone,
+            "weights_spec": str(weights_spec),
+            "weights_kind": resolved.kind,
+            "weights_name": resolved.name,
+            "weights_identity": resolved.identity,
+            "weights_sha256": weights_sha256(resolved),
+            "weights_path": str(resolved.path) if resolved.kind == "file" and resolved.path else None,
+            "seed": int(seed),
+            "layer": spec.layer,
+            "pool": spec.pool,
+            "precision": spec.precision,
+            "storage": spec.storage,
+            "preprocess": spec.preprocess,
+        },
+        "features": {"spec": spec.canonical(), "key": spec.key, "dims": int(dims)},
+        "classifier": {
+            "name": fit.name,
+            "param_name": fit.param_name,
+            "chosen": fit.chosen,
+            "score_source": fit.score_source,
+            "score": fit.score,
+            "search": [[v, s] for v, s in fit.search],
+            "pca": pca,
+            "probability": get_classifier_spec(fit.name).probability,
+            "notes": list(fit.notes),
+        },
+        "training": training,
+    }

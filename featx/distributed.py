@@ -371,6 +371,7 @@ def extract_dask(
     compile: str | bool = "auto",
     workers: int | None = None,
     n_workers: int | None = None,
+    resolved=None,
 ):
     """:func:`featx.extract.extract` on a Dask cluster: one task per shard of uncached images.
 
@@ -418,7 +419,9 @@ def extract_dask(
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
     if shard_size < 1:
         raise ConfigError(f"--shard-size {shard_size}: must be at least 1")
-    info, rw, specs = feature_specs(backbone, weights, layers, pool, precision, storage, seed, device)
+    info, rw, specs = feature_specs(backbone, weights, layers, pool, precision, storage, seed, device, resolved)
+    if resolved is not None:  # workers resolve the same file by its path
+        weights = str(resolved.path)
     if rw.kind == "file":
         load_backbone(info.name, resolved=rw, seed=seed)   # a file that does not fit fails here, once
     keys = [s.key for s in specs]

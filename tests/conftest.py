@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Spinning OpenMP threads starve everything else on small shared machines.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 

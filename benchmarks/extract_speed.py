@@ -69,8 +69,9 @@ def naive(backbone: str, weights, paths, batch=32):
     """What a tutorial does."""
     from PIL import Image
     lb = __import__("featx").load_backbone(backbone, weights)
-    tv_weights = lb.info.weights_enum[lb.weights.name] if lb.weights.kind == "torchvision" else None
-    transform = tv_weights.transforms() if tv_weights is not None else None
+    enum = lb.info.weights_enum
+    tv_weights = enum[lb.weights.name] if lb.weights.kind == "torchvision" else enum.DEFAULT
+    transform = tv_weights.transforms()
     model = lb.model
     feats = []
     t0 = time.perf_counter()

@@ -312,6 +312,21 @@ def test_backbone_from_bundle_gives_the_finetuned_weights_their_own_identity(fin
     assert rw2.identity == rw.identity == specs[0].weights and specs[0].preprocess == rw.preprocess.as_dict()
 
 
+def test_extract_backbone_from_a_bundle_fills_its_own_cache_entry(data, finetuned, tmp_path):
+    run = CliRunner()
+    r = run.invoke(cli, ["extract", str(data["data"]), "--backbone-from", str(finetuned["model"]), "-q",
+                         "--cache", str(tmp_path / "c")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    from featx.cache import FeatureCache
+    (key,) = FeatureCache(tmp_path / "c").keys()
+    assert key.startswith("mobilenet_v2-file") and "-flatten-avg-" in key
+    info = FeatureCache(tmp_path / "c").info(key)
+    assert info.spec.weights.startswith("file:") and info.dim == 1280
+    r = run.invoke(cli, ["extract", str(data["data"]), "--backbone-from", str(finetuned["model"]), "-b", "resnet18",
+                         "--cache", str(tmp_path / "c")])
+    assert r.exit_code == 2 and f"--backbone-from takes the network from {finetuned['model']}; drop --backbone" in r.output
+
+
 def test_cli_errors_are_one_line(data, tmp_path):
     run = CliRunner()
     r = run.invoke(cli, ["finetune", str(data["data"]), "-b", "resnet9000", "-o", str(tmp_path / "x.featx")])

@@ -449,10 +449,11 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, chunk_ro
 @click.option("--refit", is_flag=True,
               help="Fit everything again instead of reusing the results of identical earlier fits.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@engine_options
 @cache_option
 @dataset_options
-def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, threads, out, refit, quiet, cache_dir,
-                layout, label_regex, val_fraction, test_fraction, seed, **extraction):
+def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, threads, out, refit, quiet, engine,
+                scheduler, shard_size, cache_dir, layout, label_regex, val_fraction, test_fraction, seed, **extraction):
     """Compare backbones x layers x classifiers on DATASET, best first.
 
     Each backbone runs once over the images for all its layers; cached
@@ -478,10 +479,13 @@ def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, th
                  f"{row.param_name}={_fmt_value(row.chosen)}, {row.score_source} {score}, test {test}, "
                  f"fit {row.fit_seconds:.2f} s")
 
-    result = compare(ds, by_backbone, classifiers, grids=grids, pca=_pca_value(pca), cv=cv, jobs=jobs,
-                     threads=threads, seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err, reuse=not refit,
-                     on_extract=lambda b, report: _echo_extraction(b, report, len(report.specs)), on_row=on_row,
-                     **_extract_args(extraction))
+    from .distributed import engine as engine_for
+    with engine_for(engine, scheduler, shard_size=shard_size, notify=echo_err) as extract_fn:
+        # with dask, extraction and every parameter search run on the cluster
+        result = compare(ds, by_backbone, classifiers, grids=grids, pca=_pca_value(pca), cv=cv, jobs=jobs,
+                         threads=threads, seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err,
+                         reuse=not refit, on_extract=lambda b, report: _echo_extraction(b, report, len(report.specs)),
+                         on_row=on_row, extract_fn=extract_fn, **_extract_args(extraction))
     if result.reused:
         click.echo(f"reused {result.reused} of {len(result.rows)} results of identical earlier fits "
                    "(--refit fits again)")

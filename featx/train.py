@@ -326,7 +326,7 @@ def compare(ds: Dataset, layers: dict[str, list[str] | None], classifiers: Seque
             weights: str = "auto", grids: dict[str, list] | None = None, pca=None, cv: int = 5,
             jobs: int | None = None, seed: int = 0, cache="cache", progress: bool = True, notify=None,
             on_extract=None, on_row=None, rows_per_chunk: int = 4096, threads: int | None = 1,
-            reuse: bool = True, **extract_options) -> CompareResult:
+            reuse: bool = True, extract_fn=None, **extract_options) -> CompareResult:
     """Every backbone x layer x classifier, from cached features.
 
     ``layers``: backbone -> its layers (None: the default layer), e.g. from
@@ -360,7 +360,7 @@ def compare(ds: Dataset, layers: dict[str, list[str] | None], classifiers: Seque
     reports = {}
     reused = 0
     for backbone, ls in layers.items():
-        report = extract(ds, backbone, weights=weights, layers=ls, cache=cache, progress=progress, seed=seed,
+        report = (extract_fn or extract)(ds, backbone, weights=weights, layers=ls, cache=cache, progress=progress, seed=seed,
                          notify=notify, **extract_options)
         reports[backbone] = report
         if on_extract is not None:

@@ -268,3 +268,23 @@ def test_model_search_on_dask_matches_local(client):
     assert np.array_equal(dask_fit.pipeline.predict(X), local_fit.pipeline.predict(X))
     assert dask_gs.best_params_ == local_gs.best_params_
     assert np.allclose(dask_gs.cv_results_["mean_test_score"], local_gs.cv_results_["mean_test_score"])
+
+
+def test_cli_compare_on_dask_prints_the_same_table_as_local(images, client, tmp_path):
+    """`featx compare --engine dask --scheduler ...`: extraction and the C search on
+    the cluster, the same table as the local engine."""
+    from click.testing import CliRunner
+
+    from featx.cli import cli
+    addr = client.scheduler.address
+    common = ["compare", str(images), "-b", "resnet18", "-w", "none", "-c", "logreg", "--C", "0.01",
+              "--C", "1", "-q", "--precision", "fp32", "--batch-size", "4"]
+    tables = []
+    for extra, cache in ((["--engine", "dask", "--scheduler", addr], "dask"), ([], "local")):
+        r = CliRunner().invoke(cli, common + extra + ["--cache", str(tmp_path / cache), "-o", str(tmp_path / f"o-{cache}")],
+                               catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        rows = [line.split() for line in r.stdout.splitlines() if " logreg " in line]
+        tables.append([row[:-2] for row in rows])  # all but the fit and extract seconds
+    assert tables[0] == tables[1] and len(tables[0]) == 1
+    assert tables[0][0][:6] == ["*", "1", "resnet18", "flatten", "512", "logreg"]

@@ -28,7 +28,6 @@ file is only read by the ``*_state_dict`` functions.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.resources
 import importlib.util
@@ -124,7 +123,6 @@ class PortedWeights:
 # ---------------------------------------------------------------------------
 # helpers
 
-_HASH_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path) -> str:
@@ -145,21 +143,11 @@ def file_sha256(path) -> str:
     WeightsError
         If the file cannot be read.
     """
-    p = Path(path)
+    from .backbones import sha256_of  # the one memoised hasher
     try:
-        st = p.stat()
-        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-        if key in _HASH_MEMO:
-            return _HASH_MEMO[key]
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return sha256_of(path)
     except OSError as e:
-        raise WeightsError(f"{p}: cannot read weights file ({e.strerror or e})") from None
-    digest = h.hexdigest()
-    _HASH_MEMO[key] = digest
-    return digest
+        raise WeightsError(f"{path}: cannot read weights file ({e.strerror or e})") from None
 
 
 def _installed(module: str) -> bool:

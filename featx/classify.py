@@ -112,8 +112,7 @@ class ClassifierSpec:
 def _linear_grid() -> tuple:
     # On standardised CNN features (hundreds to thousands of dims) the useful
     # C is small: on clothing-small the winners were 1e-3..1e-1, while C=10
-    # and 100 barely regularise, failed to converge and made `compare` spend
-    # most of its 10 minutes on them.
+    # and 100 barely regularise and LinearSVC did not converge there.
     return tuple(float(c) for c in np.logspace(-5, 0, 6))
 
 

@@ -40,7 +40,9 @@ from filelock import FileLock, Timeout
 
 from .errors import CacheError
 
-FORMAT_VERSION = 1
+# 2: features computed with BatchNorm folded into the convolutions (equal to
+# 1e-6, but an entry never mixes rows from the two ways of computing them)
+FORMAT_VERSION = 2
 ID_DTYPE = "S32"
 
 

@@ -126,7 +126,7 @@ CLASSIFIERS: dict[str, ClassifierSpec] = {
         ClassifierSpec(
             "linear-svm", "linear SVM (LinearSVC), probabilities by Platt calibration",
             "C", _linear_grid(), 1.0, "low", True,
-            lambda seed: LinearSVC(dual="auto", max_iter=5000, random_state=seed)),
+            lambda seed: LinearSVC(dual=True, max_iter=5000, random_state=seed)),
         ClassifierSpec(
             "sgd", "logistic loss by SGD (one-vs-rest); also trains out of core",
             "alpha", tuple(float(a) for a in np.logspace(-6, 0, 7)), 1e-4, "high", False,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -580,7 +581,7 @@ def _run(lb: LoadedBackbone, specs, todo: list[Sample], cache: FeatureCache, *, 
                 if strict:
                     raise ImageError(path, reason + " (--strict stops at the first bad image)")
                 skipped.append((path, reason))
-                bar.write(f"skipped {path}: {reason}")
+                bar.write(f"skipped {path}: {reason}", file=sys.stderr)  # stdout stays clean for CSV/JSON
             keep = [i for i in range(len(errors)) if not errors[i]]
             if keep:
                 arrays = forward(images[keep] if bad else images)

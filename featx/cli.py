@@ -103,7 +103,9 @@ def extraction_options(f):
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
         click.option("--workers", default=None, type=click.IntRange(0), help="Decoding processes [default: from the machine]."),
         click.option("--compile", "compile_mode", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
-                     help="torch.compile the network; auto: for runs of 5000+ images on CPU, 20000+ on GPU."),
+                     help="torch.compile the network (--runtime torch); auto: for runs of 5000+ images on CPU, 20000+ on GPU."),
+        click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "torch", "onnx"]),
+                     help="What runs the network; auto: ONNX Runtime for fp32 on CPU (runs of 200+ images), else torch."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -193,7 +195,7 @@ def layers_cmd(backbone, all_nodes):
 @dataset_options
 @click.pass_context
 def extract_cmd(ctx, dataset, backbone, weights, pool, precision, storage, batch_size, device, workers, compile_mode,
-                layers, strict, quiet, backbone_from, engine, scheduler, shard_size, cache_dir, layout, label_regex,
+                runtime, layers, strict, quiet, backbone_from, engine, scheduler, shard_size, cache_dir, layout, label_regex,
                 val_fraction, test_fraction, seed):
     """Run a frozen backbone over DATASET and cache the features.
 
@@ -204,6 +206,7 @@ def extract_cmd(ctx, dataset, backbone, weights, pool, precision, storage, batch
     from click.core import ParameterSource
 
     from .distributed import engine as engine_for
+    check_runtime({"runtime": runtime, "device": device, "precision": precision})
     extra = {}
     if backbone_from:
         for name in ("backbone", "weights"):
@@ -215,7 +218,8 @@ def extract_cmd(ctx, dataset, backbone, weights, pool, precision, storage, batch
     with engine_for(engine, scheduler, shard_size=shard_size, notify=echo_err) as extract:
         report = extract(ds, backbone, weights=weights, layers=list(layers) or None, pool=pool, precision=precision,
                          storage=storage, batch_size=batch_size, device=device, cache=cache_dir, workers=workers,
-                         strict=strict, progress=not quiet, seed=seed, notify=echo_err, compile=compile_mode, **extra)
+                         strict=strict, progress=not quiet, seed=seed, notify=echo_err, compile=compile_mode,
+                         runtime=runtime, **extra)
     print_extract_report(report)
 
 
@@ -225,7 +229,7 @@ def print_extract_report(report):
         click.echo(f"nothing to extract: all {report.n_images} images already cached")
     else:
         click.echo(f"extracted {report.n_extracted} images in {report.seconds:.1f} s "
-                   f"({report.images_per_second:.1f} img/s on {report.device}); "
+                   f"({report.images_per_second:.1f} img/s on {report.where}); "
                    f"{report.n_cached} were cached; {len(report.skipped)} skipped")
     cache = FeatureCache(report.cache_dir)
     for key in report.keys:
@@ -342,6 +346,15 @@ def bundle_run_options(f):
                              "[default: as recorded in the bundle].")(f)
 
 
+def check_runtime(options: dict):
+    """Fail before the dataset is read when ``--runtime onnx`` cannot run
+    with the other options (a GPU, reduced precision)."""
+    if options.get("runtime") == "onnx":
+        from .extract import resolve_device, resolve_precision, resolve_runtime
+        device = options.get("device") or "auto"
+        resolve_runtime("onnx", resolve_device(device), resolve_precision(options.get("precision") or "auto", device), 0)
+
+
 def _extract_args(options: dict) -> dict:
     """Values of extraction_options as keywords of featx.extract.extract."""
     args = dict(options)
@@ -406,6 +419,7 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, chunk_ro
     from .train import parse_grid, train
     values = parse_grid(classifier, grid)
     check_destination(out)
+    check_runtime(extraction)
     ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
     backbone = extraction.pop("backbone")
     result = train(ds, backbone, classifier, layer=layer, grid=values, pca=_pca_value(pca), cv=cv, jobs=jobs,
@@ -464,6 +478,7 @@ def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, th
     from .classify import _fmt_value, format_table, write_table
     from .data import _slug
     from .train import compare, parse_grid, parse_layers
+    check_runtime(extraction)
     by_backbone = parse_layers(backbones, layers)
     classifiers = list(dict.fromkeys(classifiers))
     grids = {c: parse_grid(c, grid) for c in classifiers}

@@ -190,8 +190,9 @@ class ShardJob:
     device: str
     strict: bool
     compile: str | bool = "auto"
-    images_per_worker: int = 0       # what torch.compile's "auto" weighs against compile time
+    images_per_worker: int = 0       # what "auto" (compile, runtime) weighs against set-up time
     decode_threads: int | None = None
+    runtime: str = "auto"
 
     @property
     def name(self) -> str:
@@ -245,11 +246,12 @@ def _forward(job: ShardJob, dev):
     """The worker's cached ``featx.extract.Forward`` for ``job``, its
     preprocessing, batch size and a lock (a Forward keeps per-call state)."""
     from .backbones import get_backbone, load_backbone, resolve_weights
-    from .extract import Forward, auto_batch_size, should_compile
-    compile = should_compile(job.compile, job.images_per_worker, dev)
+    from .extract import auto_batch_size, make_forward, resolve_runtime, should_compile
     spec = job.specs[0]   # weights, pool and precision are the same for every layer
+    decided = (should_compile(job.compile, job.images_per_worker, dev),
+               resolve_runtime(job.runtime, dev, spec.precision, job.images_per_worker))
     key = (job.backbone, spec.weights, tuple(s.layer for s in job.specs), spec.pool, spec.precision, str(dev),
-           compile, job.batch_size)
+           job.compile, job.runtime, decided, job.batch_size)
     with _FORWARDS_LOCK:
         if key not in _FORWARDS:
             info = get_backbone(job.backbone)
@@ -259,8 +261,9 @@ def _forward(job: ShardJob, dev):
                     f"--weights {job.weights} is {rw.identity} on worker {socket.gethostname()} but "
                     f"{spec.weights} on the driver: install the same weights on every worker")
             lb = load_backbone(info.name, resolved=rw, seed=job.seed)
-            forward = Forward(lb, [s.layer for s in job.specs], spec.pool, dev, spec.precision,
-                              compile=compile, notify=log.warning)
+            forward = make_forward(lb, [s.layer for s in job.specs], spec.pool, dev, spec.precision,
+                                   n_images=job.images_per_worker, compile=job.compile, runtime=job.runtime,
+                                   notify=log.warning)
             batch = job.batch_size or auto_batch_size(forward.net, lb.preprocess.crop, dev, spec.precision)
             _FORWARDS[key] = (forward, lb.preprocess, batch, threading.Lock())
         return _FORWARDS[key]
@@ -323,7 +326,7 @@ def extract_shard(job: ShardJob) -> tuple[int, list[tuple[str, str]], str]:
             path = shard_path(cache, spec.key, job.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_part_file(path, spec, done, np.concatenate(out))
-    return len(done), skipped, str(dev)
+    return len(done), skipped, str(dev) + (", onnxruntime" if forward.runtime == "onnx" else "")
 
 
 # --------------------------------------------------------------------------
@@ -372,14 +375,16 @@ def extract_dask(
     workers: int | None = None,
     n_workers: int | None = None,
     resolved=None,
+    runtime: str = "auto",
 ):
     """:func:`featx.extract.extract` on a Dask cluster: one task per shard of uncached images.
 
     Parameters
     ----------
-    dataset, backbone, weights, layers, pool, storage, batch_size, seed, strict, compile
+    dataset, backbone, weights, layers, pool, storage, batch_size, seed, strict, compile, runtime
         As for :func:`featx.extract.extract`; the cache entries are the same.
-        ``batch_size=None`` and ``compile="auto"`` are decided on each worker.
+        ``batch_size=None`` and ``"auto"`` for ``compile`` and ``runtime`` are
+        decided on each worker, for its own device and share of the images.
     precision : str
         Resolved on the driver (it is part of the cache key): with ``auto``
         on a driver without a GPU for GPU workers, give it explicitly.
@@ -442,7 +447,7 @@ def extract_dask(
                 size = min(shard_size, math.ceil(len(todo) / n))
                 jobs = [ShardJob(i, tuple(s.id for s in shard), tuple(str(s.path) for s in shard), needed,
                                  info.name, _worker_weights(rw), seed, str(cache.root), batch_size,
-                                 device or "auto", strict, compile, len(todo) // n, workers)
+                                 device or "auto", strict, compile, len(todo) // n, workers, runtime)
                         for i, shard in enumerate(make_shards(todo, size))]
                 run = _run_jobs(client, jobs, retries, progress, n)
         unseen = [p for job in run.written for spec in needed

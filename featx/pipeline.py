@@ -251,6 +251,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "batch_size": Key("int", None, check=_at_least(1)),
         "workers": Key("int", None, check=_at_least(0)),
         "compile": Key("str", "auto", choices=("auto", "on", "off")),
+        "runtime": Key("str", "auto", choices=("auto", "torch", "onnx")),
         "jobs": Key("int", -1),
     },
 }
@@ -1186,7 +1187,8 @@ def _stage_extract(plan: Plan, cache, extract_fn, progress, notify, events):
         report = extract_fn(ds, bb.config["name"], weights=bb.config["weights"], layers=bb.config["layers"],
                             pool=bb.config["pool"], precision=bb.config["precision"], storage=bb.config["storage"],
                             batch_size=e["batch_size"], device=e["device"], cache=cache, workers=e["workers"],
-                            progress=progress, seed=p.dataset["seed"], notify=notify, compile=e["compile"])
+                            progress=progress, seed=p.dataset["seed"], notify=notify, compile=e["compile"],
+                            runtime=e["runtime"])
         bad = {str(path): reason for path, reason in report.skipped}
         unreadable = {s.id: bad[str(s.path)] for s in ds.samples if str(s.path) in bad}
         for spec, item in zip(bb.specs, bb.items):
@@ -1196,7 +1198,7 @@ def _stage_extract(plan: Plan, cache, extract_fn, progress, notify, events):
                 record["seconds"] = report.seconds      # one pass for all layers of the backbone
             done = "computed" if item.action == "compute" else "cached"
             events.append(dataclasses.replace(item, action=done))
-        rate = f" ({report.images_per_second:.1f} img/s on {report.device})" if report.n_extracted else ""
+        rate = f" ({report.images_per_second:.1f} img/s on {report.where})" if report.n_extracted else ""
         notify(f"[extract] {bb.config['name']}: extracted {report.n_extracted} images in {report.seconds:.1f} s{rate}; "
                f"{report.n_cached} were cached" + (f"; {len(report.skipped)} unreadable" if report.skipped else ""))
         for path, reason in report.skipped:

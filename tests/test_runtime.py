@@ -1,0 +1,96 @@
+"""ONNX Runtime as the CPU forward pass: the same features as torch, chosen
+only where it pays, refused with one clear line where it cannot run."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import featx
+from featx.cli import cli
+from featx.data import open_dataset
+from featx.errors import BackboneError, ConfigError
+from featx.extract import (ONNX_MIN_IMAGES, Forward, OnnxForward, extract, load_features, make_forward,
+                           resolve_runtime)
+
+SMALL = dict(backbone="resnet18", weights="none", batch_size=4, workers=0, progress=False)
+CPU = torch.device("cpu")
+
+
+def test_onnx_runtime_fills_the_same_cache_entries_with_the_same_features(folder_dataset, tmp_path):
+    ds = open_dataset(folder_dataset)
+    layers = ["layer3", "flatten"]
+    by_torch = extract(ds, cache=tmp_path / "t", runtime="torch", layers=layers, **SMALL)
+    by_onnx = extract(ds, cache=tmp_path / "o", runtime="onnx", layers=layers, **SMALL)
+    assert (by_torch.runtime, by_onnx.runtime) == ("torch", "onnx")
+    assert by_onnx.keys == by_torch.keys           # fp32 is fp32: one cache entry, whoever computed it
+    assert by_onnx.where == "cpu, onnxruntime"
+    for spec in by_torch.specs:
+        want, _, ids_t = load_features(tmp_path / "t", spec, ds)
+        got, _, ids_o = load_features(tmp_path / "o", spec, ds)
+        assert ids_t == ids_o and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_auto_picks_onnx_runtime_for_long_fp32_cpu_runs_only():
+    assert resolve_runtime("auto", CPU, "fp32", ONNX_MIN_IMAGES) == "onnx"
+    assert resolve_runtime("auto", CPU, "fp32", ONNX_MIN_IMAGES - 1) == "torch"   # export would cost more
+    assert resolve_runtime("auto", CPU, "bf16", 10**6) == "torch"
+    assert resolve_runtime("auto", torch.device("cuda"), "fp16", 10**6) == "torch"
+    assert resolve_runtime("torch", CPU, "fp32", 10**6) == "torch"
+    assert resolve_runtime("onnx", CPU, "fp32", 1) == "onnx"
+
+
+def test_what_onnx_runtime_cannot_do_is_one_clear_line():
+    with pytest.raises(ConfigError, match=r"^--runtime onnx computes in fp32; use --precision fp32"):
+        resolve_runtime("onnx", CPU, "bf16", 1000)
+    with pytest.raises(ConfigError, match=r"^--runtime onnx runs on the CPU; use --device cpu"):
+        resolve_runtime("onnx", torch.device("cuda"), "fp32", 1000)
+    with pytest.raises(ConfigError, match=r"^--runtime tensorrt: use one of auto, torch, onnx$"):
+        resolve_runtime("tensorrt", CPU, "fp32", 1000)
+    lb = featx.load_backbone("resnet18", "none")
+    with pytest.raises(ConfigError, match="--compile on is torch.compile"):
+        make_forward(lb, ["flatten"], "avg", CPU, "fp32", n_images=1000, compile="on", runtime="onnx")
+    # asking for torch.compile means torch, even when auto would pick ONNX Runtime
+    assert make_forward(lb, ["flatten"], "avg", CPU, "fp32", n_images=10, compile="on").runtime == "torch"
+
+
+class FlipsBrightImages(nn.Module):
+    """Python control flow on the data: a trace records one branch only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        if x.mean() > 0:    # the export's all-black example takes the other branch
+            x = -x
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_an_export_that_does_not_reproduce_the_network_never_reaches_the_cache():
+    lb = featx.load_backbone("resnet18", "none")
+    lb = dataclasses.replace(lb, model=FlipsBrightImages().eval())
+    with pytest.raises(BackboneError, match=r"ONNX Runtime's output of layer conv differs from torch's .*--runtime torch"):
+        OnnxForward(lb, ["conv"], "avg")
+    said = []
+    fwd = make_forward(lb, ["conv"], "avg", CPU, "fp32", n_images=10**4, notify=said.append)
+    assert isinstance(fwd, Forward) and said and said[0].endswith("; running with torch")
+    with pytest.raises(BackboneError):       # asked for explicitly: no silent substitute
+        make_forward(lb, ["conv"], "avg", CPU, "fp32", n_images=10**4, runtime="onnx")
+
+
+def test_cli_extract_with_onnx_runtime(folder_dataset, tmp_path):
+    runner = CliRunner()
+    base = ["extract", str(folder_dataset), "-b", "resnet18", "-w", "none", "--cache", str(tmp_path / "c"), "-q"]
+    r = runner.invoke(cli, base + ["--runtime", "onnx"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "img/s on cpu, onnxruntime)" in r.output
+    r = runner.invoke(cli, base + ["--runtime", "onnx", "--precision", "bf16"], catch_exceptions=False)
+    assert r.exit_code == 1
+    assert r.output == "Error: --runtime onnx computes in fp32; use --precision fp32, or --runtime torch for bf16\n"

@@ -8,9 +8,11 @@ same images.
 (a) naive: PIL open + weights.transforms() per image in the main process,
     stack 32, fp32 forward (model as torchvision builds it), append to a list
 (b) forward only: featx's network (BN folded into convs, channels_last,
-    inference_mode) on pre-made uint8 batches, in the precision featx uses:
-    the compute ceiling
-(c) featx extract end to end, cold cache, HDF5 writes included
+    inference_mode) on pre-made uint8 batches, in the precision featx uses,
+    run by torch (eager, compiled) and by ONNX Runtime: the compute ceilings
+(c) featx extract end to end, cold cache, HDF5 writes included: with
+    --runtime torch (--compile off/on) and with the defaults
+    (--runtime auto: ONNX Runtime for fp32 on CPU)
 
 Also: where featx's time goes (decode, forward, write), peak RSS for N and
 4N images (extraction streams, so it must not grow), and the downstream
@@ -82,12 +84,13 @@ def naive(backbone: str, weights, paths, batch=32):
     return len(paths) / (time.perf_counter() - t0)
 
 
-def forward_only(backbone, weights, n, precision, compile=False, batch=32, plain=False):
+def forward_only(backbone, weights, n, precision, compile=False, batch=32, plain=False, onnx=False):
     """Forward passes on pre-made batches: ``plain`` = the torchvision model as
-    built (fp32, NCHW), else featx's Forward (folded BN, channels_last,
-    optionally compiled; compile time excluded)."""
+    built (fp32, NCHW); ``onnx`` = featx's ONNX Runtime forward; else
+    featx's torch Forward (folded BN, channels_last, optionally compiled;
+    compile and export time excluded)."""
     import featx
-    from featx.extract import Forward
+    from featx.extract import Forward, OnnxForward
     lb = featx.load_backbone(backbone, weights)
     crop = lb.preprocess.crop
     x = torch.randint(0, 255, (batch, 3, crop, crop), dtype=torch.uint8)
@@ -96,6 +99,10 @@ def forward_only(backbone, weights, n, precision, compile=False, batch=32, plain
         def step():
             with torch.inference_mode():
                 lb.model(xf)
+    elif onnx:
+        ort = OnnxForward(lb, [lb.info.default_layer], "avg")
+        def step():
+            ort(x)
     else:
         fwd = Forward(lb, [lb.info.default_layer], "avg", torch.device("cpu"), precision, compile=compile)
         def step():
@@ -109,34 +116,33 @@ def forward_only(backbone, weights, n, precision, compile=False, batch=32, plain
     return done / (time.perf_counter() - t0)
 
 
-def featx_extract(backbone, weights, paths, precision, cache_dir, workers=None, compile="auto"):
+def featx_extract(backbone, weights, paths, precision, cache_dir, workers=None, compile="auto", runtime="auto"):
     import featx
     samples = samples_for(paths)
     t0 = time.perf_counter()
     rep = featx.extract(samples, backbone, weights=weights, precision=precision, cache=cache_dir,
-                        progress=False, workers=workers, compile=compile)
+                        progress=False, workers=workers, compile=compile, runtime=runtime)
     dt = time.perf_counter() - t0
     return rep.n_extracted / dt, rep
 
 
-def breakdown(backbone, weights, paths, precision):
+def breakdown(backbone, weights, paths, precision, runtime):
     """Time per stage with no overlap: decode+resize, forward, HDF5 write."""
     import featx
     from featx.cache import FeatureCache, FeatureSpec
-    from featx.extract import FeatureNet, ImageFiles, _autocast, collate
+    from featx.extract import ImageFiles, collate, make_forward
     lb = featx.load_backbone(backbone, weights)
     ds = ImageFiles(paths, lb.preprocess)
     t0 = time.perf_counter()
     items = [ds[i] for i in range(len(ds))]
     t_decode = time.perf_counter() - t0
-    net = FeatureNet(lb.model, [lb.info.default_layer], "avg", lb.preprocess, fuse=True).eval()
-    net = net.to(memory_format=torch.channels_last)
+    fwd = make_forward(lb, [lb.info.default_layer], "avg", torch.device("cpu"), precision,
+                       n_images=10**6, compile="off", runtime=runtime)
     outs = []
     t0 = time.perf_counter()
-    with torch.inference_mode(), _autocast(torch.device("cpu"), precision):
-        for s in range(0, len(items), 32):
-            x, _, _ = collate(items[s:s + 32])
-            outs.append(net(x.contiguous(memory_format=torch.channels_last))[0].float().numpy())
+    for s in range(0, len(items), 32):
+        x, _, _ = collate(items[s:s + 32])
+        outs.append(fwd(x)[0])
     t_forward = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         cache = FeatureCache(d)
@@ -170,68 +176,101 @@ def peak_rss_child(backbone, weights, paths, precision) -> float:
     return r["self"], r["children"]
 
 
-def probe_accuracy(backbone, weights, paths, precisions):
-    """Logistic regression on features of the same images, per precision."""
+def probe_accuracy(backbone, weights, n_train, precisions, cache_dir):
+    """A logistic-regression probe on features of the same images in each
+    precision: fit on a stratified ``n_train`` subset of clothing-small's
+    train split (or all of the shipped clothing-mini's when clothing-small
+    is absent), scored on the whole test split."""
     import featx
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    samples = samples_for(paths)
-    labels = np.array([s.label for s in samples])
-    idx_tr, idx_te = train_test_split(np.arange(len(samples)), test_size=0.3, random_state=0, stratify=labels)
-    out = {}
-    with tempfile.TemporaryDirectory() as d:
-        for prec in precisions:
-            rep = featx.extract(samples, backbone, weights=weights, precision=prec, cache=d, progress=False)
-            X = featx.FeatureCache(d).read(rep.keys[0], [s.id for s in samples])
-            clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-            clf.fit(X[idx_tr], labels[idx_tr])
-            out[prec] = float((clf.predict(X[idx_te]) == labels[idx_te]).mean())
+    root = SHARED if SHARED.is_dir() else Path(featx.__file__).parent / "datasets" / "clothing-mini"
+    ds = featx.open_dataset(root)
+    train, test = ds.subset("train"), ds.subset("test")
+    if n_train < len(train):
+        train, _ = train_test_split(train, train_size=n_train, random_state=0, stratify=ds.labels(train))
+    out = {"dataset": f"{root.name}: {len(train)} train, {len(test)} test images"}
+    preds = {}
+    for prec in precisions:
+        t0 = time.perf_counter()
+        rep = featx.extract(train + test, backbone, weights=weights, precision=prec, cache=cache_dir, progress=True)
+        seconds = time.perf_counter() - t0
+        cache = featx.FeatureCache(cache_dir)
+        Xtr, Xte = (cache.read(rep.keys[0], [x.id for x in part]) for part in (train, test))
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
+        clf.fit(Xtr, ds.labels(train))
+        preds[prec] = clf.predict(Xte)
+        out[prec] = {"accuracy": float((preds[prec] == ds.labels(test)).mean()), "seconds": seconds,
+                     "images/s": rep.n_extracted / seconds if rep.n_extracted else None,
+                     "features": Xte}
+    ref = out[precisions[0]]["features"]
+    for prec in precisions[1:]:
+        X = out[prec]["features"]
+        out[prec]["agreement"] = float((preds[prec] == preds[precisions[0]]).mean())
+        out[prec]["feature rel. error"] = float(np.linalg.norm(X - ref) / np.linalg.norm(ref))
+    for prec in precisions:
+        del out[prec]["features"]
     return out
 
 
-def run(backbone, weights, n, precision, do_rss, probe_n):
-    from featx.extract import resolve_precision
+def run(backbone, weights, n, precision, do_rss, compile_rows):
+    from featx.extract import resolve_precision, resolve_runtime
     precision = resolve_precision(precision, "cpu")
+    runtime = resolve_runtime("auto", torch.device("cpu"), precision, n)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         paths = image_list(max(n, 4 * n if do_rss else n), work)
         main = paths[:n]
-        row = {"backbone": backbone, "n": n, "precision": precision, "threads": torch.get_num_threads()}
+        row = {"backbone": backbone, "n": n, "precision": precision, "threads": torch.get_num_threads(),
+               "runtime": runtime}
         row["a_naive"] = naive(backbone, weights, main)
+        # featx's own runs before anything compiles: inductor leaves a pool of
+        # compile workers behind that would share the two cores with them
+        row["c_default"], rep = featx_extract(backbone, weights, main, precision, work / "c3")
+        assert rep.runtime == runtime
+        row["c_eager"], _ = featx_extract(backbone, weights, main, precision, work / "c1", compile="off",
+                                          runtime="torch")
         row["b_plain"] = forward_only(backbone, weights, n, precision, plain=True)
         row["b_eager"] = forward_only(backbone, weights, n, precision, compile=False)
-        row["b_compiled"] = forward_only(backbone, weights, n, precision, compile=True)
-        row["c_eager"], _ = featx_extract(backbone, weights, main, precision, work / "c1", compile="off")
-        row["c_compiled"], _ = featx_extract(backbone, weights, main, precision, work / "c2", compile="on")
-        row["c_featx"] = max(row["c_eager"], row["c_compiled"])
-        row["b_forward"] = row["b_compiled"] if row["c_compiled"] >= row["c_eager"] else row["b_eager"]
-        row["c/a"] = row["c_featx"] / row["a_naive"]
-        row["c/b"] = row["c_featx"] / row["b_forward"]
-        row["breakdown"] = breakdown(backbone, weights, main[: min(n, 128)], precision)
+        if runtime == "onnx":
+            row["b_onnx"] = forward_only(backbone, weights, n, precision, onnx=True)
+        if compile_rows:
+            row["b_compiled"] = forward_only(backbone, weights, n, precision, compile=True)
+            row["c_compiled"], _ = featx_extract(backbone, weights, main, precision, work / "c2", compile="on",
+                                                 runtime="torch")
+        row["b_forward"] = row["b_onnx"] if runtime == "onnx" else row["b_eager"]
+        row["c/a"] = row["c_default"] / row["a_naive"]
+        row["c/b"] = row["c_default"] / row["b_forward"]
+        row["c_torch/b_torch"] = row["c_eager"] / row["b_eager"]
+        row["breakdown"] = breakdown(backbone, weights, main[: min(n, 256)], precision, runtime)
         if do_rss:
             row["rss_N"] = peak_rss_child(backbone, weights, paths[:n], precision)
             row["rss_4N"] = peak_rss_child(backbone, weights, paths[: 4 * n], precision)
-        if probe_n:
-            reduced = "bf16"
-            row["probe"] = probe_accuracy(backbone, weights, paths[:probe_n], ["fp32", reduced])
     return row
 
 
+ROWS = [("(a) naive loop (PIL + transforms per image, fp32 NCHW, main process)", "a_naive"),
+        ("(b) forward only, torchvision model as built (fp32 NCHW)", "b_plain"),
+        ("(b) forward only, featx network in torch (BN folded, channels_last)", "b_eager"),
+        ("(b) forward only, featx network in torch, compiled", "b_compiled"),
+        ("(b) forward only, featx network in ONNX Runtime", "b_onnx"),
+        ("(c) featx extract --runtime torch --compile off, cold cache", "c_eager"),
+        ("(c) featx extract --runtime torch --compile on (compile time included)", "c_compiled"),
+        ("(c) **featx extract, defaults** (runtime {runtime}), cold cache", "c_default")]
+
+
 def print_row(r):
-    print(f"\n## {r['backbone']}: {r['n']} images, precision {r['precision']}, {r['threads']} torch threads")
+    print(f"\n## {r['backbone']}: {r['n']} images, precision {r['precision']}, {r['threads']} threads")
     print("| path | images/s | vs (a) |")
     print("|---|---:|---:|")
     a = r["a_naive"]
-    for label, key in [("(a) naive loop (PIL + transforms per image, fp32 NCHW)", "a_naive"),
-                       ("(b) forward only, torchvision model as built (fp32 NCHW)", "b_plain"),
-                       ("(b) forward only, featx network (BN folded, channels_last)", "b_eager"),
-                       ("(b) forward only, featx network compiled", "b_compiled"),
-                       ("(c) featx extract, cold cache, --compile off", "c_eager"),
-                       ("(c) featx extract, cold cache, --compile on (compile time included)", "c_compiled")]:
-        print(f"| {label} | {r[key]:.1f} | {r[key] / a:.2f}x |")
-    print(f"\n(c)/(a) = {r['c/a']:.2f}x   (c)/(b) = {r['c/b']:.2f} (b = the same network, same precision)")
+    for label, key in ROWS:
+        if key in r:
+            print(f"| {label.format(**r)} | {r[key]:.1f} | {r[key] / a:.2f}x |")
+    print(f"\n(c)/(a) = {r['c/a']:.2f}x   (c)/(b) = {r['c/b']:.2f} (b = the same network in the same runtime "
+          f"and precision); with --runtime torch: (c)/(b) = {r['c_torch/b_torch']:.2f}")
     b = r["breakdown"]
     print("where the time goes (serial, no overlap): " + ", ".join(
         f"{k} {v:.0%}" for k, v in b.items() if k != "decode ms/img") + f"; decode {b['decode ms/img']:.1f} ms/img")
@@ -239,10 +278,20 @@ def print_row(r):
         (sN, cN), (s4, c4) = r["rss_N"], r["rss_4N"]
         print(f"peak RSS: N={r['n']}: {sN:.0f} MiB (+ workers {cN:.0f}); 4N={4 * r['n']}: {s4:.0f} MiB "
               f"(+ workers {c4:.0f}); growth {100 * (s4 / sN - 1):+.1f}%")
-    if "probe" in r:
-        p = r["probe"]
-        print("logistic-regression probe accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in p.items())
-              + f"; difference {100 * abs(p['fp32'] - p['bf16']):.1f} points")
+    sys.stdout.flush()
+
+
+def print_probe(p, precisions):
+    print(f"\n## logistic-regression probe, fp32 vs reduced precision ({p['dataset']})")
+    print("| precision | test accuracy | agreement with fp32 | feature rel. error | extract img/s |")
+    print("|---|---:|---:|---:|---:|")
+    for prec in precisions:
+        q = p[prec]
+        rate = f"{q['images/s']:.1f}" if q["images/s"] else "cached"
+        print(f"| {prec} | {q['accuracy']:.4f} | {q.get('agreement', 1.0):.4f} | "
+              f"{q.get('feature rel. error', 0.0):.1e} | {rate} |")
+    for prec in precisions[1:]:
+        print(f"{prec}: accuracy {100 * (p[prec]['accuracy'] - p[precisions[0]]['accuracy']):+.2f} points vs fp32")
     sys.stdout.flush()
 
 
@@ -251,17 +300,30 @@ def main():
     ap.add_argument("--backbone", action="append", help="default: mobilenet_v2 and resnet50")
     ap.add_argument("--weights", default="none",
                     help="auto for real weights where installed; none (default) gives the same speed for any backbone")
-    ap.add_argument("--n", type=int, default=384)
+    ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--no-rss", action="store_true")
-    ap.add_argument("--probe-n", type=int, default=0, help="images for the fp32 vs bf16 probe (0: skip)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (compiling takes minutes)")
+    ap.add_argument("--probe-train", type=int, default=0,
+                    help="train images for the fp32 vs reduced-precision probe (0: skip; it runs on --weights auto)")
+    ap.add_argument("--probe-precision", action="append", help="reduced precisions to probe [default: bf16]")
+    ap.add_argument("--probe-cache", default=None, help="cache folder for the probe [default: a temporary one]")
+    ap.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="run the speed rows")
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args()
     rows = []
-    for bb in args.backbone or ["mobilenet_v2", "resnet50"]:
-        r = run(bb, args.weights, args.n, args.precision, not args.no_rss, args.probe_n)
-        print_row(r)
-        rows.append(r)
+    if args.speed:
+        for bb in args.backbone or ["mobilenet_v2", "resnet50"]:
+            r = run(bb, args.weights, args.n, args.precision, not args.no_rss, not args.no_compile)
+            print_row(r)
+            rows.append(r)
+    if args.probe_train:
+        precisions = ["fp32"] + (args.probe_precision or ["bf16"])
+        with tempfile.TemporaryDirectory() as d:
+            p = probe_accuracy((args.backbone or ["mobilenet_v2"])[0], "auto", args.probe_train, precisions,
+                               args.probe_cache or d)
+        print_probe(p, precisions)
+        rows.append({"probe": p})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -291,7 +291,7 @@ def extract_shard(job: ShardJob) -> tuple[int, list[tuple[str, str]], str]:
     :class:`~featx.errors.ImageError` on a bad image with ``strict``."""
     import numpy as np
 
-    from .extract import ImageFiles
+    from .extract import ImageFiles, sort_out_bad
     if not any(os.path.exists(p) for p in job.paths):
         raise FeatxError(f"worker {socket.gethostname()} sees none of the shard's {len(job.paths)} images "
                          f"(first: {job.paths[0]}): images must be on storage every worker mounts at "
@@ -303,14 +303,8 @@ def extract_shard(job: ShardJob) -> tuple[int, list[tuple[str, str]], str]:
     outs: list[list] = [[] for _ in job.specs]
     skipped: list[tuple[str, str]] = []
     for images, idx, errors in _decoded_batches(ImageFiles(list(job.paths), preprocess), batch_size, threads):
-        keep = []
-        for i, reason in enumerate(errors):
-            if not reason:
-                keep.append(i)
-            elif job.strict:
-                raise ImageError(job.paths[int(idx[i])], reason + " (--strict stops at the first bad image)")
-            else:
-                skipped.append((job.paths[int(idx[i])], reason))
+        keep, bad = sort_out_bad(errors, lambda i: job.paths[int(idx[i])], job.strict)
+        skipped += bad
         if keep:
             with lock:
                 arrays = forward(images[keep] if len(keep) < len(errors) else images)
@@ -411,7 +405,7 @@ def extract_dask(
     featx.extract.ExtractReport
     """
     from .backbones import load_backbone
-    from .extract import ExtractReport, _unique_samples, feature_specs
+    from .extract import ExtractReport, feature_specs, planned, resolve_runtime
 
     t0 = time.perf_counter()
     _distributed()
@@ -429,15 +423,12 @@ def extract_dask(
         weights = str(resolved.path)
     if rw.kind == "file":
         load_backbone(info.name, resolved=rw, seed=seed)   # a file that does not fit fails here, once
+    if runtime != "auto":   # checked here once, not by every worker (the device is the workers')
+        import torch
+        resolve_runtime(runtime, torch.device("cpu"), specs[0].precision, 0)
     keys = [s.key for s in specs]
-    unique = _unique_samples(samples)
-    with cache.locked(keys, notify=notify):
-        resumed = sum(cache.consolidate(s.key, s) for s in specs if cache.parts_dir(s.key).is_dir())
-        if resumed:
-            notify(f"resumed: {resumed} rows from an interrupted run merged into the cache")
-        have = [set(cache.ids(k)) for k in keys]
-        todo = [s for s in unique if not all(s.id in h for h in have)]
-        needed = tuple(spec for spec, h in zip(specs, have) if any(s.id not in h for s in todo))
+    with planned(cache, specs, samples, notify) as plan:
+        unique, todo, needed = plan.unique, plan.todo, tuple(plan.needed)
         jobs, run = [], _ShardRun()
         if todo:
             with dask_client(scheduler, n_workers=n_workers, device=device, retries=retries,
@@ -462,7 +453,7 @@ def extract_dask(
             raise FeatxError(_failure_message(run.failed, len(jobs), retries))
         for spec in specs:
             cache.consolidate(spec.key, spec, manifest=manifest)
-    return ExtractReport(list(specs), keys, len(unique), len(unique) - len(todo), run.extracted, resumed,
+    return ExtractReport(list(specs), keys, len(unique), len(unique) - len(todo), run.extracted, plan.resumed,
                          run.skipped, time.perf_counter() - t0, run.where, str(cache.root))
 
 

@@ -33,6 +33,7 @@ from .errors import BackboneError, ConfigError, ImageError
 POOLS = ("avg", "max", "avgmax", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGES = ("float32", "float16")
+_TV_INTERP = {"bilinear": "bilinear", "bicubic": "bicubic"}   # InterpolationMode values
 _INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
@@ -41,11 +42,35 @@ _INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Imag
 # preprocessing (PIL, in worker processes)
 
 
-def preprocess_image(im: Image.Image, pre: Preprocess) -> np.ndarray:
-    """Resize short side to ``pre.resize``, center-crop ``pre.crop``: uint8 HWC.
+def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
+    """Resize the short side to ``pre.resize``, center-crop ``pre.crop``:
+    a uint8 (3, crop, crop) tensor; normalisation happens on the model side.
 
-    Matches torchvision's ``weights.transforms()`` on PIL images (same size
-    rounding and crop offsets); normalisation happens on the model side."""
+    The sizes, rounding and crop offsets are torchvision's
+    ``weights.transforms()``. Bilinear and bicubic resizing run on the uint8
+    tensor with torchvision's antialiased kernels, within one grey level of
+    PIL's resize and about 3x faster (PIL's was 60% of the decode time);
+    other filters use PIL."""
+    mode = _TV_INTERP.get(pre.interpolation)
+    if mode is None:
+        return torch.from_numpy(_preprocess_pil(im, pre)).permute(2, 0, 1)
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+    mode = InterpolationMode(mode)
+    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+    if min(x.shape[1:]) != pre.resize:
+        x = F.resize(x, pre.resize, interpolation=mode, antialias=True)
+    c = pre.crop
+    h, w = x.shape[1:]
+    if h < c or w < c:  # torchvision pads; with resize >= crop this never happens
+        x = F.resize(x, [max(h, c), max(w, c)], interpolation=mode, antialias=True)
+        h, w = x.shape[1:]
+    top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+    return x[:, top:top + c, left:left + c].contiguous()
+
+
+def _preprocess_pil(im: Image.Image, pre: Preprocess) -> np.ndarray:
+    """:func:`preprocess_image` with PIL's resize: uint8 HWC."""
     w, h = im.size
     short, long = (w, h) if w <= h else (h, w)
     if short != pre.resize:
@@ -54,7 +79,7 @@ def preprocess_image(im: Image.Image, pre: Preprocess) -> np.ndarray:
         im = im.resize(size, _INTERP.get(pre.interpolation, Image.BILINEAR))
     w, h = im.size
     c = pre.crop
-    if w < c or h < c:  # torchvision pads; with resize >= crop this never happens
+    if w < c or h < c:
         im = im.resize((max(w, c), max(h, c)), _INTERP.get(pre.interpolation, Image.BILINEAR))
         w, h = im.size
     top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
@@ -76,8 +101,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             im = load_image(self.paths[i], draft_size=self.pre.resize if self.draft else None)
-            arr = preprocess_image(im, self.pre)
-            return torch.from_numpy(arr).permute(2, 0, 1), i, ""
+            return preprocess_image(im, self.pre), i, ""
         except ImageError as e:
             return torch.zeros((3, self.pre.crop, self.pre.crop), dtype=torch.uint8), i, e.reason
 
@@ -366,6 +390,47 @@ def _unique_samples(samples: list[Sample]) -> list[Sample]:
     return out
 
 
+@dataclass
+class Plan:
+    """What an extraction has to do, worked out under the entries' lock."""
+    unique: list[Sample]             # the images asked for, each content once
+    todo: list[Sample]               # those missing from at least one entry
+    needed: list[FeatureSpec]        # the entries (layers) missing something
+    resumed: int                     # rows merged from an interrupted run's parts
+
+
+@contextlib.contextmanager
+def planned(cache: FeatureCache, specs: list[FeatureSpec], samples: list[Sample], notify):
+    """Lock ``specs``' entries, merge what a killed run left, and yield the
+    :class:`Plan`; the lock is held until the block ends. Shared by the
+    local and the Dask extraction, so both resume and skip alike."""
+    unique = _unique_samples(samples)
+    with cache.locked([s.key for s in specs], notify=notify):
+        resumed = sum(cache.consolidate(s.key, s) for s in specs if cache.parts_dir(s.key).is_dir())
+        if resumed:
+            notify(f"resumed: {resumed} rows from an interrupted run merged into the cache")
+        have = [set(cache.ids(s.key)) for s in specs]
+        todo = [s for s in unique if not all(s.id in h for h in have)]
+        # only the layers that miss something are computed
+        needed = [spec for spec, h in zip(specs, have) if any(s.id not in h for s in todo)]
+        yield Plan(unique, todo, needed, resumed)
+
+
+def sort_out_bad(errors: list[str], path_of, strict: bool) -> tuple[list[int], list[tuple[str, str]]]:
+    """Positions in a decoded batch to keep, and ``(path, reason)`` of the
+    images that failed to decode; with ``strict`` the first one raises
+    :class:`~featx.errors.ImageError`."""
+    keep, bad = [], []
+    for i, reason in enumerate(errors):
+        if not reason:
+            keep.append(i)
+        elif strict:
+            raise ImageError(path_of(i), reason + " (--strict stops at the first bad image)")
+        else:
+            bad.append((path_of(i), reason))
+    return keep, bad
+
+
 def default_workers(n_images: int) -> int:
     """Decode processes: none for a handful of images (starting workers
     costs more), else one per core but one, at least 2, at most 8."""
@@ -416,34 +481,19 @@ def extract(
         # a weights file that does not fit fails before any image is read
         loaded = load_backbone(info.name, resolved=rw, seed=seed)
     dev = resolve_device(device)
-    keys = [s.key for s in specs]
-    unique = _unique_samples(samples)
-    resolve_runtime(runtime, dev, precision, len(unique))   # a bad --runtime fails before any work
-    used = "torch"
-    with cache.locked(keys, notify=notify):
-        resumed = 0
-        for spec in specs:
-            if cache.parts_dir(spec.key).is_dir():
-                resumed += cache.consolidate(spec.key, spec)
-        if resumed:
-            notify(f"resumed: {resumed} rows from an interrupted run merged into the cache")
-        have = [set(cache.ids(k)) for k in keys]
-        todo = [s for s in unique if not all(s.id in h for h in have)]
-        # only the layers that miss something are computed
-        needed = [spec for spec, h in zip(specs, have) if any(s.id not in h for s in todo)]
-        n_cached = len(unique) - len(todo)
-        skipped: list[tuple[str, str]] = []
-        extracted = 0
-        if todo:
+    resolve_runtime(runtime, dev, precision, 0)   # a bad --runtime fails before any work
+    extracted, skipped, used = 0, [], "torch"
+    with planned(cache, specs, samples, notify) as plan:
+        if plan.todo:
             lb = loaded or load_backbone(info.name, resolved=rw, seed=seed)
-            extracted, skipped, used = _run(lb, needed, todo, cache, batch_size=batch_size, device=dev,
+            extracted, skipped, used = _run(lb, plan.needed, plan.todo, cache, batch_size=batch_size, device=dev,
                                             precision=precision, workers=workers, strict=strict,
                                             progress=progress, notify=notify, compile=compile,
                                             runtime=runtime)
         for spec in specs:
             cache.consolidate(spec.key, spec, manifest=manifest)
-    return ExtractReport(specs, keys, len(unique), n_cached, extracted, resumed, skipped,
-                         time.perf_counter() - t0, str(dev), str(cache.root), used)
+    return ExtractReport(specs, [s.key for s in specs], len(plan.unique), len(plan.unique) - len(plan.todo),
+                         extracted, plan.resumed, skipped, time.perf_counter() - t0, str(dev), str(cache.root), used)
 
 
 def _autocast(dev: torch.device, precision: str):
@@ -710,14 +760,10 @@ def _run(lb: LoadedBackbone, specs, todo: list[Sample], cache: FeatureCache, *, 
                dynamic_ncols=True, smoothing=0.1)
     try:
         for images, idx, errors in loader:
-            bad = [i for i, e in enumerate(errors) if e]
-            for i in bad:
-                path, reason = str(todo[int(idx[i])].path), errors[i]
-                if strict:
-                    raise ImageError(path, reason + " (--strict stops at the first bad image)")
-                skipped.append((path, reason))
+            keep, bad = sort_out_bad(errors, lambda i: str(todo[int(idx[i])].path), strict)
+            for path, reason in bad:
                 bar.write(f"skipped {path}: {reason}", file=sys.stderr)  # stdout stays clean for CSV/JSON
-            keep = [i for i in range(len(errors)) if not errors[i]]
+            skipped += bad
             if keep:
                 arrays = forward(images[keep] if bad else images)
                 writer.put([todo[int(idx[i])].id for i in keep], arrays)

@@ -349,7 +349,7 @@ class TrainImages(torch.utils.data.Dataset):
         try:
             im = load_image(self.paths[i], draft_size=self.pre.resize)
             if self.augment == "none":
-                t = torch.from_numpy(preprocess_image(im, self.pre)).permute(2, 0, 1)
+                t = preprocess_image(im, self.pre)
             else:
                 t = self.transform()(im)
             return t, self.labels[i], ""

@@ -133,9 +133,12 @@ def breakdown(backbone, weights, paths, precision, runtime):
     from featx.extract import ImageFiles, collate, make_forward
     lb = featx.load_backbone(backbone, weights)
     ds = ImageFiles(paths, lb.preprocess)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as in a DataLoader worker
     t0 = time.perf_counter()
     items = [ds[i] for i in range(len(ds))]
     t_decode = time.perf_counter() - t0
+    torch.set_num_threads(threads)
     fwd = make_forward(lb, [lb.info.default_layer], "avg", torch.device("cpu"), precision,
                        n_images=10**6, compile="off", runtime=runtime)
     outs = []

@@ -671,8 +671,14 @@ class OnnxForward:
         opts.log_severity_level = 3
         # idle threads sleep instead of spinning, leaving the cores to the decode workers
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-        self._check(lb.info.name, example.shape[1:])
+        try:
+            self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+            self._check(lb.info.name, example.shape[1:])
+        except BackboneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an operator ONNX Runtime lacks, say
+            raise BackboneError(f"{lb.info.name}: ONNX Runtime cannot run the exported network "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); use --runtime torch") from e
         self.net = None   # only ONNX Runtime's copy of the weights is needed from here on
 
     def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
@@ -710,7 +716,7 @@ def make_forward(lb: LoadedBackbone, layers: list[str], pool: str, device: torch
         except BackboneError as e:
             if runtime == "onnx":
                 raise
-            notify(f"{e}; running with torch")
+            notify(f"{str(e).removesuffix('; use --runtime torch')}; running with torch instead")
     return Forward(lb, layers, pool, device, precision,
                    compile=should_compile(compile, n_images, device), notify=notify)
 

@@ -35,16 +35,21 @@ def folder_dataset(tmp_path):
     return root
 
 
+def make_split_dataset(root: Path, counts=(6, 2, 3), seed: int = 0, file_name: str = "{i}.jpg") -> Path:
+    """root/{train,validation,test}/CLASS/FILE: ``counts`` images per class
+    in each split, every one with its own seeded noise."""
+    for s, (split, n) in enumerate(zip(("train", "validation", "test"), counts)):
+        for c, (name, colour) in enumerate(COLOURS.items()):
+            for i in range(n):
+                make_image(root / split / name / file_name.format(name=name, i=i), colour,
+                           seed=seed + s * 1000 + c * 100 + i)
+    return root
+
+
 @pytest.fixture
 def split_dataset(tmp_path):
     """root/{train,validation,test}/CLASS/*.jpg"""
-    root = tmp_path / "splits"
-    counts = {"train": 6, "validation": 2, "test": 3}
-    for split, n in counts.items():
-        for ci, (name, colour) in enumerate(COLOURS.items()):
-            for i in range(n):
-                make_image(root / split / name / f"{i}.jpg", colour, seed=list(counts).index(split) * 1000 + ci * 100 + i)
-    return root
+    return make_split_dataset(tmp_path / "splits")
 
 
 def pytest_collection_modifyitems(config, items):

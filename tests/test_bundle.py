@@ -19,7 +19,7 @@ from featx.evaluate import check_classes
 from featx.extract import feature_specs
 from featx.train import fit_on_cache, parse_grid, parse_layers, split_features, train
 
-from .conftest import COLOURS, make_image
+from .conftest import make_split_dataset
 
 SMALL = dict(batch_size=8, workers=0, progress=False)
 
@@ -27,11 +27,7 @@ SMALL = dict(batch_size=8, workers=0, progress=False)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
-    counts = {"train": 6, "validation": 2, "test": 3}
-    for s, (split, n) in enumerate(counts.items()):
-        for c, (name, colour) in enumerate(COLOURS.items()):
-            for i in range(n):
-                make_image(root / "data" / split / name / f"{i}.jpg", colour, seed=5000 + s * 1000 + c * 100 + i)
+    make_split_dataset(root / "data", seed=5000)
     ds = open_dataset(root / "data")
     cache = FeatureCache(root / "cache")
     result = train(ds, "resnet18", "logreg", weights="none", grid=[0.01, 1.0], jobs=1, cache=cache, **SMALL)

@@ -21,7 +21,7 @@ from featx.cli import cli
 from featx.data import open_dataset
 from featx.errors import ConfigError
 
-from .conftest import COLOURS, make_image
+from .conftest import make_split_dataset
 
 NET = "mobilenet_v2"    # small checkpoints (14 MB of weights) and BatchNorm throughout
 FAST = dict(weights="none", image_size=64, batch_size=6, probe="off", patience=0, progress=False)
@@ -30,11 +30,7 @@ FAST = dict(weights="none", image_size=64, batch_size=6, probe="off", patience=0
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
-    counts = {"train": 4, "validation": 2, "test": 2}
-    for s, (split, n) in enumerate(counts.items()):
-        for c, (name, colour) in enumerate(COLOURS.items()):
-            for i in range(n):
-                make_image(root / "colours" / split / name / f"{name}{i}.jpg", colour, seed=s * 1000 + c * 100 + i)
+    make_split_dataset(root / "colours", counts=(4, 2, 2), file_name="{name}{i}.jpg")
     return {"root": root, "data": root / "colours", "cache": root / "cache", "ds": open_dataset(root / "colours")}
 
 

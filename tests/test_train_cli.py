@@ -18,7 +18,7 @@ from PIL import Image
 from featx.classify import CLASSIFIERS, _fmt_value
 from featx.cli import cli
 
-from .conftest import COLOURS, make_image
+from .conftest import COLOURS, make_image, make_split_dataset
 
 FAST = ["-b", "resnet18", "-w", "none", "--batch-size", "8", "-q", "-j", "1"]
 LOGREG = CLASSIFIERS["logreg"]
@@ -28,11 +28,7 @@ LOGREG = CLASSIFIERS["logreg"]
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     data = root / "colours"
-    counts = {"train": 6, "validation": 2, "test": 3}
-    for s, (split, n) in enumerate(counts.items()):
-        for c, (name, colour) in enumerate(COLOURS.items()):
-            for i in range(n):
-                make_image(data / split / name / f"{name}{i}.jpg", colour, seed=s * 1000 + c * 100 + i)
+    make_split_dataset(data, file_name="{name}{i}.jpg")
     return {"root": root, "data": data, "cache": root / "cache", "model": root / "model.featx"}
 
 

@@ -388,7 +388,8 @@ def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weigh
         return Predictions(proba, [])
     report = extract(samples, b["name"], weights=str(rw.path) if rw.kind == "file" else _weights_request(b),
                      layers=[spec.layer], pool=spec.pool, precision=spec.precision, storage=spec.storage,
-                     cache=cache, progress=progress, seed=int(b.get("seed", 0)), notify=notify, **extract_options)
+                     cache=cache, progress=progress, seed=int(b.get("seed", 0)), notify=notify,
+                     feature_format=spec.format, **extract_options)
     if report.specs[0].canonical() != spec.canonical():
         raise BundleError(f"{bundle.path}: its features were {spec.canonical()}, this featx computes "
                           f"{report.specs[0].canonical()}; train the model again")

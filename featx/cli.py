@@ -206,7 +206,7 @@ def extract_cmd(ctx, dataset, backbone, weights, pool, precision, storage, batch
     from click.core import ParameterSource
 
     from .distributed import engine as engine_for
-    check_runtime({"runtime": runtime, "device": device, "precision": precision})
+    check_runtime({"runtime": runtime, "device": device, "precision": precision, "compile_mode": compile_mode})
     extra = {}
     if backbone_from:
         for name in ("backbone", "weights"):
@@ -352,7 +352,8 @@ def check_runtime(options: dict):
     if options.get("runtime") == "onnx":
         from .extract import resolve_device, resolve_precision, resolve_runtime
         device = options.get("device") or "auto"
-        resolve_runtime("onnx", resolve_device(device), resolve_precision(options.get("precision") or "auto", device), 0)
+        resolve_runtime("onnx", resolve_device(device), resolve_precision(options.get("precision") or "auto", device),
+                        0, options.get("compile_mode", "auto"))
 
 
 def _extract_args(options: dict) -> dict:

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import FeatureCache, FeatureSpec, write_part_file
+from .cache import FORMAT_VERSION, FeatureCache, FeatureSpec, write_part_file
 from .data import Dataset, Sample
 from .errors import ConfigError, FeatxError, ImageError, WeightsError
 
@@ -302,7 +302,7 @@ def extract_shard(job: ShardJob) -> tuple[int, list[tuple[str, str]], str]:
     done: list[str] = []
     outs: list[list] = [[] for _ in job.specs]
     skipped: list[tuple[str, str]] = []
-    for images, idx, errors in _decoded_batches(ImageFiles(list(job.paths), preprocess), batch_size, threads):
+    for images, idx, errors in _decoded_batches(ImageFiles(list(job.paths), preprocess, feature_format=job.specs[0].format), batch_size, threads):
         keep, bad = sort_out_bad(errors, lambda i: job.paths[int(idx[i])], job.strict)
         skipped += bad
         if keep:
@@ -320,7 +320,7 @@ def extract_shard(job: ShardJob) -> tuple[int, list[tuple[str, str]], str]:
             path = shard_path(cache, spec.key, job.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_part_file(path, spec, done, np.concatenate(out))
-    return len(done), skipped, str(dev) + (", onnxruntime" if forward.runtime == "onnx" else "")
+    return len(done), skipped, str(dev) + (" (onnxruntime)" if forward.runtime == "onnx" else "")
 
 
 # --------------------------------------------------------------------------
@@ -370,12 +370,13 @@ def extract_dask(
     n_workers: int | None = None,
     resolved=None,
     runtime: str = "auto",
+    feature_format: int | None = None,
 ):
     """:func:`featx.extract.extract` on a Dask cluster: one task per shard of uncached images.
 
     Parameters
     ----------
-    dataset, backbone, weights, layers, pool, storage, batch_size, seed, strict, compile, runtime
+    dataset, backbone, weights, layers, pool, storage, batch_size, seed, strict, compile, runtime, feature_format
         As for :func:`featx.extract.extract`; the cache entries are the same.
         ``batch_size=None`` and ``"auto"`` for ``compile`` and ``runtime`` are
         decided on each worker, for its own device and share of the images.
@@ -418,14 +419,16 @@ def extract_dask(
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
     if shard_size < 1:
         raise ConfigError(f"--shard-size {shard_size}: must be at least 1")
-    info, rw, specs = feature_specs(backbone, weights, layers, pool, precision, storage, seed, device, resolved)
+    info, rw, specs = feature_specs(backbone, weights, layers, pool, precision, storage, seed, device, resolved,
+                                    feature_format or FORMAT_VERSION)
     if resolved is not None:  # workers resolve the same file by its path
         weights = str(resolved.path)
     if rw.kind == "file":
         load_backbone(info.name, resolved=rw, seed=seed)   # a file that does not fit fails here, once
-    if runtime != "auto":   # checked here once, not by every worker (the device is the workers')
+    if runtime != "auto":   # checked here once, not by every worker
         import torch
-        resolve_runtime(runtime, torch.device("cpu"), specs[0].precision, 0)
+        where = torch.device("cuda" if (device or "").startswith("cuda") else "cpu")   # no GPU needed here
+        resolve_runtime(runtime, where, specs[0].precision, 0, compile)
     keys = [s.key for s in specs]
     with planned(cache, specs, samples, notify) as plan:
         unique, todo, needed = plan.unique, plan.todo, tuple(plan.needed)
@@ -454,7 +457,7 @@ def extract_dask(
         for spec in specs:
             cache.consolidate(spec.key, spec, manifest=manifest)
     return ExtractReport(list(specs), keys, len(unique), len(unique) - len(todo), run.extracted, plan.resumed,
-                         run.skipped, time.perf_counter() - t0, run.where, str(cache.root))
+                         run.skipped, time.perf_counter() - t0, run.where, str(cache.root), run.runtime)
 
 
 @dataclass
@@ -464,6 +467,7 @@ class _ShardRun:
     written: list = field(default_factory=list)      # jobs that wrote shard files
     failed: list = field(default_factory=list)       # (job, exception)
     where: str = "dask"
+    runtime: str = "torch"
 
 
 def _wait_for_workers(client) -> int:
@@ -514,4 +518,6 @@ def _run_jobs(client, jobs: list[ShardJob], retries: int, progress: bool, n_work
     run.failed.sort(key=lambda item: item[0].index)
     run.skipped = [x for i in sorted(skipped) for x in skipped[i]]
     run.where = f"dask: {n_workers} workers, {', '.join(sorted(devices)) or 'no device'}"
+    runtimes = {"onnx" if dev.endswith("(onnxruntime)") else "torch" for dev in devices}
+    run.runtime = runtimes.pop() if len(runtimes) == 1 else ("mixed" if runtimes else "torch")
     return run

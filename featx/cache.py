@@ -203,6 +203,7 @@ class FeatureCache:
     def remove(self, key: str) -> list[Path]:
         removed = []
         with self.lock(key):
+            self._sweep_temporaries(key)
             for p in (self.path(key), self.parts_dir(key)):
                 if p.is_dir():
                     shutil.rmtree(p)
@@ -297,6 +298,7 @@ class FeatureCache:
                 # A part is renamed into place only when complete, so an
                 # unreadable one is damage from outside featx: set it aside.
                 p.rename(p.with_suffix(".corrupt"))
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         old = h5py.File(path, "r") if path.exists() else None
         try:
             if old is not None and old.attrs.get("spec") != spec.canonical():
@@ -304,11 +306,11 @@ class FeatureCache:
             have = set(_decode_ids(old["ids"][:])) if old is not None else set()
             if not readable and old is not None and manifest is not None and manifest["id"] in old.get("manifests", {}):
                 return 0
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
             added = 0
             with h5py.File(tmp, "w") as new:
                 n_old = len(have)
-                dim = old["features"].shape[1] if old is not None else None
+                # an entry with no rows yet (every image so far unreadable) has no dimension to keep
+                dim = old["features"].shape[1] if old is not None and n_old else None
                 new_rows = []  # (part path, row indices to take)
                 seen = set(have)
                 for p in readable:
@@ -365,6 +367,10 @@ class FeatureCache:
                 })
                 new.flush()
             _fsync(tmp)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         finally:
             if old is not None:
                 old.close()

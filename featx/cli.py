@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .errors import FeatxError
+from .errors import DatasetError, FeatxError, ImageError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_CACHE = os.environ.get("FEATX_CACHE", "cache")
@@ -215,22 +215,35 @@ def extract_cmd(ctx, dataset, backbone, weights, pool, precision, storage, batch
         from .finetune import backbone_from_bundle
         backbone, extra["resolved"], _ = backbone_from_bundle(backbone_from)
     ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
+    if strict and ds.skipped:   # listed but missing, say: as bad as an unreadable image
+        path, reason = ds.skipped[0]
+        raise ImageError(path, reason + " (--strict stops at the first bad image)")
     with engine_for(engine, scheduler, shard_size=shard_size, notify=echo_err) as extract:
         report = extract(ds, backbone, weights=weights, layers=list(layers) or None, pool=pool, precision=precision,
                          storage=storage, batch_size=batch_size, device=device, cache=cache_dir, workers=workers,
                          strict=strict, progress=not quiet, seed=seed, notify=echo_err, compile=compile_mode,
                          runtime=runtime, **extra)
-    print_extract_report(report)
+    print_extract_report(report, len(ds.skipped))
+    if report.skipped and not report.n_extracted and not report.n_cached:
+        path, reason = report.skipped[0]
+        n = report.n_images
+        raise DatasetError(f"{dataset}: none of its {n} image{'s' if n != 1 else ''} could be read "
+                           f"(first: {path}: {reason})")
 
 
-def print_extract_report(report):
+def print_extract_report(report, skipped_before: int = 0):
+    """The summary line; ``skipped_before``: files the dataset listed but could not offer (missing)."""
     from .cache import FeatureCache
-    if report.n_extracted == 0 and not report.skipped:
-        click.echo(f"nothing to extract: all {report.n_images} images already cached")
+    skipped = len(report.skipped) + skipped_before
+    if report.n_extracted == 0:
+        if skipped:
+            click.echo(f"nothing to extract: {report.n_cached} images already cached; {skipped} unreadable skipped")
+        else:
+            click.echo(f"nothing to extract: all {report.n_cached} images already cached")
     else:
         click.echo(f"extracted {report.n_extracted} images in {report.seconds:.1f} s "
                    f"({report.images_per_second:.1f} img/s on {report.where}); "
-                   f"{report.n_cached} were cached; {len(report.skipped)} skipped")
+                   f"{report.n_cached} were cached; {skipped} skipped")
     cache = FeatureCache(report.cache_dir)
     for key in report.keys:
         info = cache.info(key)
@@ -390,8 +403,7 @@ def _echo_extraction(backbone, report, n_layers):
     else:
         click.echo(f"{backbone}: extracted {report.n_extracted} images in {report.seconds:.1f} s ({layers}, one pass); "
                    f"{report.n_cached} were cached")
-    for path, reason in report.skipped:
-        echo_err(f"skipped {path}: {reason}")
+    # the skipped images were named as extraction met them
 
 
 @cli.command("train")
@@ -559,8 +571,9 @@ def evaluate_cmd(ctx, model, dataset, split, top_k, out, weights, quiet, cache_d
     with contextlib.redirect_stdout(sys.stderr):   # extraction's messages are not results
         ev = evaluate_bundle(bundle, ds, split, top_k=top_k, cache=cache_dir, weights=weights, progress=not quiet,
                              notify=echo_err, **_extract_args(extraction))
-    for path, reason in ev.skipped:
-        echo_err(f"skipped {path}: {reason}")
+    if bundle.kind != "linear":   # a linear bundle's extraction named them as it met them
+        for path, reason in ev.skipped:
+            echo_err(f"skipped {path}: {reason}")
     _echo_notes(ev.notes)
     click.echo(f"{bundle.name} on {ds.name}, split {ev.metrics['split']}")
     click.echo(format_metrics(ev.metrics))

@@ -520,7 +520,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
                                            "(it is written inside output.dir)")
     if report["title"] is None:
         report["title"] = f"featx pipeline {path.stem}"
-    _check_engine(where, engine)
+    _check_engine(where, engine, backbones)
     return Pipeline(path, dataset, backbones, classifiers, finetune, evaluate, report, output, engine)
 
 
@@ -652,7 +652,7 @@ def _resolve_finetune(where, ft, backbones, base, seed):
         raise where.error(f"finetune.{unknown[0]}", "not supported by this featx's fine-tune stage")
 
 
-def _check_engine(where, engine):
+def _check_engine(where, engine, backbones=()):
     if engine["kind"] == "local":
         for k in ("scheduler", "shard_size"):
             if engine[k] is not None:
@@ -671,6 +671,26 @@ def _check_engine(where, engine):
         raise where.error("engine.device", f"{_show(engine['device'])} is not allowed; use auto, cpu or cuda[:N]")
     if engine["jobs"] == 0:
         raise where.error("engine.jobs", "0 is not allowed; use -1 (all cores) or a number of parallel fits")
+    if engine["kind"] == "local" and device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise where.error("engine.device", f"{_show(engine['device'])}: no CUDA GPU is available here; "
+                                               "use auto or cpu")
+    if engine["runtime"] == "onnx":
+        if engine["compile"] == "on":
+            raise where.error("engine.compile", '"on" is torch.compile: it needs engine.runtime = "torch" (or "auto")')
+        if device.startswith("cuda"):
+            raise where.error("engine.runtime", '"onnx" runs on the CPU; use engine.device = "cpu", '
+                                                'or runtime = "torch" on a GPU')
+        from .extract import onnxruntime_available, resolve_precision
+        if not onnxruntime_available():
+            raise where.error("engine.runtime", '"onnx" needs `pip install onnxruntime onnx`; or use "auto"')
+        for i, b in enumerate(backbones):
+            precision = resolve_precision(b["precision"], "cpu")
+            if precision != "fp32":
+                shown = _show(b["precision"]) + (f" (here: {precision})" if b["precision"] == "auto" else "")
+                raise where.error(f"backbones[{i}].precision", f'{shown}: engine.runtime = "onnx" computes in fp32; '
+                                                               'use "fp32", or runtime = "torch"')
 
 
 # --------------------------------------------------------------------------

@@ -37,8 +37,11 @@ def folder_dataset(tmp_path):
 
 def make_split_dataset(root: Path, counts=(6, 2, 3), seed: int = 0, file_name: str = "{i}.jpg") -> Path:
     """root/{train,validation,test}/CLASS/FILE: ``counts`` images per class
-    in each split, every one with its own seeded noise."""
-    for s, (split, n) in enumerate(zip(("train", "validation", "test"), counts)):
+    in each split (or ``{split: n}`` for other splits), every one with its
+    own seeded noise."""
+    if not isinstance(counts, dict):
+        counts = dict(zip(("train", "validation", "test"), counts))
+    for s, (split, n) in enumerate(counts.items()):
         for c, (name, colour) in enumerate(COLOURS.items()):
             for i in range(n):
                 make_image(root / split / name / file_name.format(name=name, i=i), colour,

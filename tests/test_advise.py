@@ -11,7 +11,7 @@ from featx.advise import (LARGE_IMAGES_PER_CLASS, PROBE_MIN_MARGIN, SIMILAR_MAX_
 from featx.cli import cli
 from featx.pipeline import load_pipeline
 
-from .test_pipeline import make_data
+from .conftest import make_split_dataset
 
 
 def numbers(per_class, entropy, top, earlier, n=400):
@@ -96,7 +96,7 @@ def test_written_pipeline_implements_the_advice_and_validates(tmp_path, case):
 
 
 def test_advise_measures_writes_and_the_file_runs(tmp_path, monkeypatch):
-    make_data(tmp_path / "colours", counts=(("train", 4), ("test", 2)))
+    make_split_dataset(tmp_path / "colours", counts={"train": 4, "test": 2}, file_name="{name}{i}.jpg")
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     r = runner.invoke(cli, ["advise", "colours", "-b", "resnet18", "-w", "none", "--write", "exp/advice.toml",

@@ -217,3 +217,15 @@ def test_layer_and_grid_options():
         parse_grid("linear-svm", ["-1"])
     with pytest.raises(ConfigError, match=r"^--C 2.5: knn tunes n_neighbors, give whole numbers$"):
         parse_grid("knn", ["2.5"])
+
+
+def test_onnx_runtime_refuses_a_bundle_of_reduced_precision_features(trained, tmp_path):
+    import dataclasses
+    manifest = trained.result.manifest(trained.ds)
+    spec = dataclasses.replace(trained.result.spec, precision="bf16")   # as if trained with --precision bf16
+    manifest["features"] = {**manifest["features"], "spec": spec.canonical(), "key": spec.key}
+    bundle = load_bundle(save_bundle(tmp_path / "bf16.featx", manifest, trained.result.fit.pipeline))
+    samples = trained.ds.subset("test")
+    with pytest.raises(ConfigError, match=r"^--runtime onnx computes in fp32, and bf16.featx was trained on bf16 "
+                                          r"features: use --runtime torch \(or auto\)$"):
+        bundle_probabilities(bundle, samples, cache=trained.cache, runtime="onnx", **SMALL)

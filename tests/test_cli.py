@@ -87,3 +87,32 @@ def test_strict_stops_on_a_bad_image_with_one_line(run, folder_dataset, tmp_path
     assert r.exit_code == 1
     assert r.output.splitlines()[-1] == (f"Error: {folder_dataset / 'red' / 'bad.png'}: not an image (unknown format) "
                                          "(--strict stops at the first bad image)")
+
+
+def test_missing_file_in_a_csv_is_counted_and_stops_a_strict_run(run, folder_dataset, tmp_path):
+    rows = [f"{p},{p.parent.name}" for p in sorted(folder_dataset.glob("*/*.png"))]
+    (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows + [f"{folder_dataset}/red/gone.png,red"]) + "\n")
+    base = ("extract", tmp_path / "m.csv", "-b", "resnet18", "-w", "none", "-q", "--cache", tmp_path / "c")
+    r = run(*base, "--strict")
+    assert r.exit_code == 1
+    assert r.output.splitlines()[-1].startswith(f"Error: {folder_dataset}/red/gone.png: ")
+    assert r.output.splitlines()[-1].endswith("(--strict stops at the first bad image)")
+    r = run(*base)
+    assert r.exit_code == 0 and "; 0 were cached; 1 skipped" in r.output
+
+
+def test_a_dataset_with_no_readable_image_fails_and_leaves_the_cache_usable(run, folder_dataset, tmp_path):
+    bad = tmp_path / "bad"
+    for name in ("a", "b"):
+        (bad / name).mkdir(parents=True)
+        (bad / name / "1.jpg").write_text(f"not a photo of {name}")
+    cache = tmp_path / "c"
+    r = run("extract", bad, "-b", "resnet18", "-w", "none", "-q", "--cache", cache)
+    assert r.exit_code == 1
+    assert r.output.splitlines()[-1] == (f"Error: {bad}: none of its 2 images could be read "
+                                         f"(first: {bad / 'a' / '1.jpg'}: not an image (unknown format))")
+    r = run("extract", folder_dataset, "-b", "resnet18", "-w", "none", "-q", "--cache", cache)
+    assert r.exit_code == 0, r.output
+    assert "extracted 24 images" in r.output and not list(cache.glob("*.tmp-*"))
+    r = run("extract", folder_dataset, "-b", "resnet18", "-w", "none", "-q", "--cache", cache)
+    assert "nothing to extract: all 24 images already cached" in r.output

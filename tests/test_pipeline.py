@@ -9,12 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from featx.cli import cli
 from featx.pipeline import PACKAGE_DATASET_PREFIX, dump_toml, load_pipeline, resolve_dataset_path
 
-from .conftest import COLOURS, make_image
+from .conftest import make_split_dataset
 
 PIPELINE = """\
 [dataset]
@@ -41,12 +42,8 @@ jobs = 1
 """
 
 
-def make_data(root: Path, counts=(("train", 4), ("validation", 2), ("test", 2))):
-    for s, (split, n) in enumerate(counts):
-        for c, (name, colour) in enumerate(COLOURS.items()):
-            for i in range(n):
-                make_image(root / split / name / f"{name}{i}.jpg", colour, seed=s * 1000 + c * 100 + i)
-    return root
+def make_data(root: Path):
+    return make_split_dataset(root, counts=(4, 2, 2), file_name="{name}{i}.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +123,13 @@ MISTAKES = {
                      "drop pca or sgd"),
     "scheduler without dask": (BASE + "[engine]\nscheduler = 'tcp://x:8786'\n",
                                'p.toml: engine.scheduler: needs engine.kind = "dask"'),
+    "onnx with torch.compile": (BASE + '[engine]\nruntime = "onnx"\ncompile = "on"\n',
+                                'p.toml: engine.compile: "on" is torch.compile: it needs engine.runtime = "torch" '
+                                '(or "auto")'),
+    "onnx with bf16": (BASE.replace('weights = "none"\n', 'weights = "none"\nprecision = "bf16"\n')
+                       + '[engine]\nruntime = "onnx"\n',
+                       'p.toml: backbones[0].precision: "bf16": engine.runtime = "onnx" computes in fp32; '
+                       'use "fp32", or runtime = "torch"'),
     "freeze epochs": (BASE + "[finetune]\nepochs = 2\nfreeze_epochs = 3\n",
                       "p.toml: finetune.freeze_epochs: 3 must be at most finetune.epochs (2)"),
     "dataset not found": (BASE.replace('"data"', '"nowhere"'), None),
@@ -145,6 +149,14 @@ def test_each_kind_of_mistake_is_one_line_naming_file_key_and_what_is_allowed(pr
     assert r.exit_code == 1
     assert r.output == f"Error: {message}\n"
     assert not (project / "out").exists()          # validated before any work
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_a_mistake_in_the_file(project):
+    (project / "p.toml").write_text(BASE + '[engine]\ndevice = "cuda"\n')
+    r = run("run", "p.toml", "--dry-run")
+    assert r.exit_code == 1
+    assert r.output == 'Error: p.toml: engine.device: "cuda": no CUDA GPU is available here; use auto or cpu\n'
 
 
 def test_missing_pipeline_file_and_folder(project):

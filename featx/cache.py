@@ -122,6 +122,7 @@ class EntryInfo:
     pending_parts: int = 0
     versions: dict = field(default_factory=dict)
     manifests: list[dict] = field(default_factory=list)
+    pending_rows: int = 0           # rows in those parts: an interrupted run's work, merged on the next extract
 
 
 class FeatureCache:
@@ -176,13 +177,19 @@ class FeatureCache:
     def info(self, key: str) -> EntryInfo:
         path = self.path(key)
         parts = sorted(self.parts_dir(key).glob("*.h5")) if self.parts_dir(key).is_dir() else []
+        pending = 0
+        for p in parts:
+            with contextlib.suppress(OSError, KeyError):
+                with h5py.File(p, "r") as f:
+                    pending += int(f["ids"].shape[0])
         if not path.exists():
             if parts:
                 spec = None
                 with contextlib.suppress(OSError, KeyError):
                     with h5py.File(parts[0], "r") as f:
                         spec = FeatureSpec.from_json(f.attrs["spec"])
-                return EntryInfo(key, path, spec, 0, 0, "", 0, "", "", len(parts))
+                return EntryInfo(key, path, spec, 0, 0, "", sum(p.stat().st_size for p in parts), "", "",
+                                 len(parts), pending_rows=pending)
             raise CacheError(f"no cache entry {key!r} in {self.root}")
         try:
             with h5py.File(path, "r") as f:
@@ -196,7 +203,7 @@ class FeatureCache:
                 return EntryInfo(key, path, spec, int(feats.shape[0]), int(feats.shape[1]), str(feats.dtype),
                                  path.stat().st_size + sum(p.stat().st_size for p in parts),
                                  str(f.attrs.get("created", "")), str(f.attrs.get("updated", "")), len(parts),
-                                 json.loads(f.attrs.get("versions", "{}")), manifests)
+                                 json.loads(f.attrs.get("versions", "{}")), manifests, pending)
         except (OSError, KeyError) as e:
             raise CacheError(f"{path}: unreadable cache entry ({e}); remove it with `featx cache rm {key}`") from None
 

@@ -270,7 +270,7 @@ def cache_ls(cache_dir):
         i = cache.info(key)
         spec = i.spec
         rows.append([key, spec.backbone if spec else "?", spec.layer if spec else "?", spec.pool if spec else "?",
-                     str(i.n) + (f" (+{i.pending_parts} parts)" if i.pending_parts else ""), str(i.dim),
+                     str(i.n) + (f" (+{i.pending_rows} unmerged)" if i.pending_parts else ""), str(i.dim),
                      _human_bytes(i.size_bytes), i.created[:19]])
     if not rows:
         click.echo(f"no cache entries in {cache.root}")
@@ -291,11 +291,12 @@ def cache_info(key, cache_dir):
     i = cache.info(key)
     s = i.spec
     lines = [
-        ("key", key), ("file", str(i.path)), ("backbone", s.backbone if s else "?"), ("weights", s.weights if s else "?"),
+        ("key", key), ("file", str(i.path) if i.path.exists() else f"{i.path} (not written yet)"), ("backbone", s.backbone if s else "?"), ("weights", s.weights if s else "?"),
         ("layer", s.layer if s else "?"), ("pool", s.pool if s else "?"), ("precision", s.precision if s else "?"),
         ("storage", i.dtype), ("preprocess", json.dumps(s.preprocess) if s else "?"),
         ("images", str(i.n)), ("dims", str(i.dim)), ("size", _human_bytes(i.size_bytes)),
-        ("created", i.created), ("updated", i.updated), ("pending parts", str(i.pending_parts)),
+        ("created", i.created), ("updated", i.updated), ("pending", f"{i.pending_rows} rows in {i.pending_parts} part files of an interrupted run "
+                                       "(merged by the next extract)" if i.pending_parts else "none"),
         ("versions", ", ".join(f"{k} {v}" for k, v in i.versions.items())),
     ]
     width = max(len(k) for k, _ in lines)

@@ -188,6 +188,9 @@ def test_run_killed_with_sigkill_resumes_without_losing_batches(tmp_path):
     proc.wait()
     assert parts and len(parts) >= 4, "the run never wrote a part"
     assert not list(cache.glob("*.h5"))  # no entry under its real name yet
+    _, _, (spec,) = feature_specs("resnet18", "none")
+    info = FeatureCache(cache).info(spec.key)      # what `featx cache info` shows meanwhile
+    assert info.n == 0 and info.pending_rows == 2 * info.pending_parts >= 2 * len(parts)
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(data), str(cache), "8"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

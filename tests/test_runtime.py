@@ -14,8 +14,8 @@ import featx
 from featx.cli import cli
 from featx.data import open_dataset
 from featx.errors import BackboneError, ConfigError
-from featx.extract import (ONNX_MIN_IMAGES, Forward, OnnxForward, extract, load_features, make_forward,
-                           resolve_runtime)
+from featx.extract import (ONNX_MIN_IMAGES, Forward, OnnxForward, cpu_has_native_bf16, extract, load_features,
+                           make_forward, resolve_runtime)
 
 SMALL = dict(backbone="resnet18", weights="none", batch_size=5, workers=0, progress=False)  # 24 images: last batch 4
 CPU = torch.device("cpu")
@@ -102,3 +102,18 @@ def test_cli_extract_with_onnx_runtime(folder_dataset, tmp_path):
         r = runner.invoke(cli, base + ["--runtime", "onnx", *extra], catch_exceptions=False)
         assert r.exit_code == 1
         assert r.output == f"Error: {message}\n"     # before the dataset is read (no "dataset ..." line)
+
+
+@pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU has native bf16")
+def test_software_bf16_on_the_cpu_is_announced(folder_dataset, tmp_path):
+    one = open_dataset(folder_dataset).samples[:1]
+    said = []
+    extract(one, cache=tmp_path / "c", precision="bf16", device="cpu", notify=said.append, **SMALL)
+    assert any(m.startswith("--precision bf16: this CPU computes bf16 in software") for m in said)
+
+
+def test_more_workers_than_cores_is_not_second_guessed(folder_dataset, tmp_path):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # any warning fails the test
+        extract(open_dataset(folder_dataset), cache=tmp_path / "c", **{**SMALL, "workers": 4})

@@ -290,13 +290,15 @@ def cache_info(key, cache_dir):
     key = cache.resolve_key(key)
     i = cache.info(key)
     s = i.spec
+    pending = (f"{i.pending_rows} rows in {i.pending_parts} part files of an interrupted run "
+               "(merged by the next extract)" if i.pending_parts else "none")
     lines = [
-        ("key", key), ("file", str(i.path) if i.path.exists() else f"{i.path} (not written yet)"), ("backbone", s.backbone if s else "?"), ("weights", s.weights if s else "?"),
+        ("key", key), ("file", str(i.path) if i.path.exists() else f"{i.path} (not written yet)"),
+        ("backbone", s.backbone if s else "?"), ("weights", s.weights if s else "?"),
         ("layer", s.layer if s else "?"), ("pool", s.pool if s else "?"), ("precision", s.precision if s else "?"),
         ("storage", i.dtype), ("preprocess", json.dumps(s.preprocess) if s else "?"),
         ("images", str(i.n)), ("dims", str(i.dim)), ("size", _human_bytes(i.size_bytes)),
-        ("created", i.created), ("updated", i.updated), ("pending", f"{i.pending_rows} rows in {i.pending_parts} part files of an interrupted run "
-                                       "(merged by the next extract)" if i.pending_parts else "none"),
+        ("created", i.created), ("updated", i.updated), ("pending", pending),
         ("versions", ", ".join(f"{k} {v}" for k, v in i.versions.items())),
     ]
     width = max(len(k) for k, _ in lines)

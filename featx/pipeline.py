@@ -679,9 +679,12 @@ def _check_engine(where, engine, backbones=()):
     if engine["runtime"] == "onnx":
         if engine["compile"] == "on":
             raise where.error("engine.compile", '"on" is torch.compile: it needs engine.runtime = "torch" (or "auto")')
+        if device == "auto" and engine["kind"] == "local":
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda"):
-            raise where.error("engine.runtime", '"onnx" runs on the CPU; use engine.device = "cpu", '
-                                                'or runtime = "torch" on a GPU')
+            raise where.error("engine.runtime", f'"onnx" runs on the CPU, and engine.device = {_show(engine["device"])} '
+                                                'is a GPU here; set device = "cpu", or runtime = "torch"')
         from .extract import onnxruntime_available, resolve_precision
         if not onnxruntime_available():
             raise where.error("engine.runtime", '"onnx" needs `pip install onnxruntime onnx`; or use "auto"')

@@ -7,7 +7,6 @@ mistakes a user can make.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Dataset layouts, content ids, splits and robust decoding."""
 
-import io
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Extraction into the HDF5 cache: keys, incremental runs, resume, locking."""
 
-import os
 import signal
 import subprocess
 import sys

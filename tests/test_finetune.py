@@ -16,7 +16,6 @@ from torch import nn
 
 import featx.finetune as ft
 from featx.backbones import get_backbone, list_backbones, load_backbone, resolve_weights
-from featx.bundle import load_bundle
 from featx.cli import cli
 from featx.data import open_dataset
 from featx.errors import ConfigError

@@ -65,67 +65,80 @@ def samples_for(paths):
     return [Sample(p, p.parent.name, "train", content_id(p)) for p in paths]
 
 
-def naive(backbone: str, weights, paths, batch=32):
-    """What a tutorial does."""
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def naive(backbone: str, weights, paths, batch=32, device="cpu"):
+    """What a tutorial does (on a GPU: model and batch moved there, fp32)."""
     from PIL import Image
     lb = __import__("featx").load_backbone(backbone, weights)
     enum = lb.info.weights_enum
     tv_weights = enum[lb.weights.name] if lb.weights.kind == "torchvision" else enum.DEFAULT
     transform = tv_weights.transforms()
-    model = lb.model
+    model = lb.model.to(device)
     feats = []
     t0 = time.perf_counter()
     with torch.no_grad():
         for s in range(0, len(paths), batch):
             xs = [transform(Image.open(p).convert("RGB")) for p in paths[s:s + batch]]
-            feats.append(model(torch.stack(xs)).numpy())
+            feats.append(model(torch.stack(xs).to(device)).cpu().numpy())
     return len(paths) / (time.perf_counter() - t0)
 
 
-def forward_only(backbone, weights, n, precision, compile=False, batch=32, plain=False, onnx=False):
+def forward_only(backbone, weights, n, precision, compile=False, batch=32, plain=False, onnx=False, device="cpu"):
     """Forward passes on pre-made batches: ``plain`` = the torchvision model as
     built (fp32, NCHW); ``onnx`` = featx's ONNX Runtime forward; else
     featx's torch Forward (folded BN, channels_last, optionally compiled;
-    compile and export time excluded)."""
+    compile and export time excluded). On a GPU the uint8 batch starts in
+    pinned host memory, so the copy to the GPU is included, as in extraction."""
     import featx
     from featx.extract import Forward, OnnxForward
     lb = featx.load_backbone(backbone, weights)
     crop = lb.preprocess.crop
     x = torch.randint(0, 255, (batch, 3, crop, crop), dtype=torch.uint8)
+    if torch.device(device).type == "cuda":
+        x = x.pin_memory()
     if plain:
-        xf = x.float() / 255
+        xf = (x.float() / 255).to(device)
+        model = lb.model.to(device)
         def step():
             with torch.inference_mode():
-                lb.model(xf)
+                model(xf)
     elif onnx:
         ort = OnnxForward(lb, [lb.info.default_layer], "avg")
         def step():
             ort(x)
     else:
-        fwd = Forward(lb, [lb.info.default_layer], "avg", torch.device("cpu"), precision, compile=compile)
+        fwd = Forward(lb, [lb.info.default_layer], "avg", torch.device(device), precision, compile=compile)
         def step():
             fwd(x)
     step()
+    _sync(device)
     t0 = time.perf_counter()
     done = 0
     while done < n:
         step()
         done += batch
+    _sync(device)
     return done / (time.perf_counter() - t0)
 
 
-def featx_extract(backbone, weights, paths, precision, cache_dir, workers=None, compile="auto", runtime="auto"):
+def featx_extract(backbone, weights, paths, precision, cache_dir, workers=None, compile="auto", runtime="auto",
+                  device="cpu"):
     import featx
     samples = samples_for(paths)
     t0 = time.perf_counter()
     rep = featx.extract(samples, backbone, weights=weights, precision=precision, cache=cache_dir,
-                        progress=False, workers=workers, compile=compile, runtime=runtime)
+                        progress=False, workers=workers, compile=compile, runtime=runtime, device=device)
     dt = time.perf_counter() - t0
     return rep.n_extracted / dt, rep
 
 
-def breakdown(backbone, weights, paths, precision, runtime):
-    """Time per stage with no overlap: decode+resize, forward, HDF5 write."""
+def breakdown(backbone, weights, paths, precision, runtime, device="cpu", batch=32):
+    """Time per stage with no overlap: decode+resize (one core, as in a
+    worker), host-to-GPU copy (on a GPU), forward, HDF5 write."""
     import featx
     from featx.cache import FeatureCache, FeatureSpec
     from featx.extract import ImageFiles, collate, make_forward
@@ -137,14 +150,25 @@ def breakdown(backbone, weights, paths, precision, runtime):
     items = [ds[i] for i in range(len(ds))]
     t_decode = time.perf_counter() - t0
     torch.set_num_threads(threads)
-    fwd = make_forward(lb, [lb.info.default_layer], "avg", torch.device("cpu"), precision,
+    dev = torch.device(device)
+    fwd = make_forward(lb, [lb.info.default_layer], "avg", dev, precision,
                        n_images=10**6, compile="off", runtime=runtime)
+    batches = [collate(items[s:s + batch])[0] for s in range(0, len(items), batch)]
+    t_copy = 0.0
+    if dev.type == "cuda":
+        batches = [x.pin_memory() for x in batches]
+        fwd(batches[0])   # warm-up: cuDNN picks its kernels
+        _sync(dev)
+        t0 = time.perf_counter()
+        for x in batches:
+            x.to(dev, non_blocking=True)
+        _sync(dev)
+        t_copy = time.perf_counter() - t0
     outs = []
     t0 = time.perf_counter()
-    for s in range(0, len(items), 32):
-        x, _, _ = collate(items[s:s + 32])
-        outs.append(fwd(x)[0])
-    t_forward = time.perf_counter() - t0
+    for x in batches:
+        outs.append(fwd(x)[0])   # returns host arrays: synchronised
+    t_forward = time.perf_counter() - t0 - t_copy   # Forward copies the batch itself
     with tempfile.TemporaryDirectory() as d:
         cache = FeatureCache(d)
         spec = FeatureSpec(backbone, "bench", lb.info.default_layer, "avg", lb.preprocess.as_dict(), precision)
@@ -153,25 +177,30 @@ def breakdown(backbone, weights, paths, precision, runtime):
             cache.write_part(spec.key, spec, [f"{i:08d}{j:024d}" for j in range(len(o))], o)
         cache.consolidate(spec.key, spec)
         t_write = time.perf_counter() - t0
-    total = t_decode + t_forward + t_write
-    return {"decode+resize": t_decode / total, "forward": t_forward / total, "hdf5 write": t_write / total,
-            "decode ms/img": 1000 * t_decode / len(paths)}
+    total = t_decode + t_copy + t_forward + t_write
+    out = {"decode+resize": t_decode / total}
+    if dev.type == "cuda":
+        out["copy to GPU"] = t_copy / total
+    out.update({"forward": t_forward / total, "hdf5 write": t_write / total,
+                "decode ms/img": 1000 * t_decode / len(paths)})
+    return out
 
 
-def peak_rss_child(backbone, weights, paths, precision) -> float:
+def peak_rss_child(backbone, weights, paths, precision, device="cpu") -> float:
     """Peak RSS (MiB) of a fresh process extracting ``paths`` (workers included)."""
     code = (
         "import sys, json, resource, featx, pathlib\n"
         "from featx.data import Sample, content_id\n"
         "paths=[pathlib.Path(p) for p in json.load(open(sys.argv[1]))]\n"
         "s=[Sample(p, p.parent.name, 'train', content_id(p)) for p in paths]\n"
-        "featx.extract(s, sys.argv[2], weights=sys.argv[3], precision=sys.argv[4], cache=sys.argv[5], progress=False)\n"
+        "featx.extract(s, sys.argv[2], weights=sys.argv[3], precision=sys.argv[4], cache=sys.argv[5], progress=False, device=sys.argv[6])\n"
         "me=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; ch=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
         "print(json.dumps({'self': me/1024, 'children': ch/1024}))\n")
     with tempfile.TemporaryDirectory() as d:
         listing = Path(d) / "paths.json"
         listing.write_text(json.dumps([str(p) for p in paths]))
-        out = subprocess.run([sys.executable, "-c", code, str(listing), backbone, weights, precision, d + "/cache"],
+        out = subprocess.run([sys.executable, "-c", code, str(listing), backbone, weights, precision, d + "/cache",
+                              device],
                              capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     return r["self"], r["children"]
@@ -216,39 +245,52 @@ def probe_accuracy(backbone, weights, n_train, precisions, cache_dir):
     return out
 
 
-def run(backbone, weights, n, precision, do_rss, compile_rows):
-    from featx.extract import resolve_precision, resolve_runtime
-    precision = resolve_precision(precision, "cpu")
-    runtime = resolve_runtime("auto", torch.device("cpu"), precision, n)
+def run(backbone, weights, n, precision, do_rss, compile_rows, device="cpu"):
+    from featx.extract import auto_batch_size, resolve_device, resolve_precision, resolve_runtime
+    dev = resolve_device(device)
+    device = str(dev)
+    precision = resolve_precision(precision, device)
+    runtime = resolve_runtime("auto", dev, precision, n)
+    batch = 32
+    if dev.type == "cuda":   # what featx extract picks there
+        import featx
+        from featx.extract import FeatureNet
+        lb = featx.load_backbone(backbone, weights)
+        net = FeatureNet(lb.model, [lb.info.default_layer], "avg", lb.preprocess, fuse=True).eval().to(dev)
+        batch = auto_batch_size(net.to(memory_format=torch.channels_last), lb.preprocess.crop, dev, precision)
+        del net, lb
+        torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         paths = image_list(max(n, 4 * n if do_rss else n), work)
         main = paths[:n]
         row = {"backbone": backbone, "n": n, "precision": precision, "threads": torch.get_num_threads(),
-               "runtime": runtime}
-        row["a_naive"] = naive(backbone, weights, main)
+               "runtime": runtime, "device": device, "batch": batch}
+        row["a_naive"] = naive(backbone, weights, main, device=device)
         # featx's own runs before anything compiles: inductor leaves a pool of
         # compile workers behind that would share the two cores with them
-        row["c_default"], rep = featx_extract(backbone, weights, main, precision, work / "c3")
+        row["c_default"], rep = featx_extract(backbone, weights, main, precision, work / "c3", device=device)
         assert rep.runtime == runtime
         row["c_eager"], _ = featx_extract(backbone, weights, main, precision, work / "c1", compile="off",
-                                          runtime="torch")
-        row["b_plain"] = forward_only(backbone, weights, n, precision, plain=True)
-        row["b_eager"] = forward_only(backbone, weights, n, precision, compile=False)
+                                          runtime="torch", device=device)
+        row["b_plain"] = forward_only(backbone, weights, n, precision, plain=True, batch=batch, device=device)
+        row["b_eager"] = forward_only(backbone, weights, n, precision, compile=False, batch=batch, device=device)
         if runtime == "onnx":
             row["b_onnx"] = forward_only(backbone, weights, n, precision, onnx=True)
         if compile_rows:
-            row["b_compiled"] = forward_only(backbone, weights, n, precision, compile=True)
+            row["b_compiled"] = forward_only(backbone, weights, n, precision, compile=True, batch=batch,
+                                             device=device)
             row["c_compiled"], _ = featx_extract(backbone, weights, main, precision, work / "c2", compile="on",
-                                                 runtime="torch")
+                                                 runtime="torch", device=device)
         row["b_forward"] = row["b_onnx"] if runtime == "onnx" else row["b_eager"]
         row["c/a"] = row["c_default"] / row["a_naive"]
         row["c/b"] = row["c_default"] / row["b_forward"]
         row["c_torch/b_torch"] = row["c_eager"] / row["b_eager"]
-        row["breakdown"] = breakdown(backbone, weights, main[: min(n, 256)], precision, runtime)
+        row["breakdown"] = breakdown(backbone, weights, main[: min(n, max(256, 4 * batch))], precision, runtime,
+                                     device, batch)
         if do_rss:
-            row["rss_N"] = peak_rss_child(backbone, weights, paths[:n], precision)
-            row["rss_4N"] = peak_rss_child(backbone, weights, paths[: 4 * n], precision)
+            row["rss_N"] = peak_rss_child(backbone, weights, paths[:n], precision, device)
+            row["rss_4N"] = peak_rss_child(backbone, weights, paths[: 4 * n], precision, device)
     return row
 
 
@@ -263,7 +305,8 @@ ROWS = [("(a) naive loop (PIL + transforms per image, fp32 NCHW, main process)",
 
 
 def print_row(r):
-    print(f"\n## {r['backbone']}: {r['n']} images, precision {r['precision']}, {r['threads']} threads")
+    print(f"\n## {r['backbone']}: {r['n']} images on {r['device']}, precision {r['precision']}, batch {r['batch']}, "
+          f"{r['threads']} CPU threads")
     print("| path | images/s | vs (a) |")
     print("|---|---:|---:|")
     a = r["a_naive"]
@@ -303,6 +346,7 @@ def main():
                     help="auto for real weights where installed; none (default) gives the same speed for any backbone")
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto: where (a), (b) and (c) run")
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (compiling takes minutes)")
     ap.add_argument("--probe-train", type=int, default=0,
@@ -315,7 +359,7 @@ def main():
     rows = []
     if args.speed:
         for bb in args.backbone or ["mobilenet_v2", "resnet50"]:
-            r = run(bb, args.weights, args.n, args.precision, not args.no_rss, not args.no_compile)
+            r = run(bb, args.weights, args.n, args.precision, not args.no_rss, not args.no_compile, args.device)
             print_row(r)
             rows.append(r)
     if args.probe_train:

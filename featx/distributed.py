@@ -284,10 +284,10 @@ def _decoded_batches(files, batch_size: int, threads: int):
             yield collate(batch)
 
 
-def extract_shard(job: ShardJob) -> tuple[int, list[tuple[str, str]], str]:
+def extract_shard(job: ShardJob) -> tuple[int, list[tuple[str, str]], str, str]:
     """The Dask task: features of one shard, written as one part file per entry.
 
-    Returns ``(images done, [(path, reason) skipped], device)``. Raises
+    Returns ``(images done, [(path, reason) skipped], device, runtime)``. Raises
     :class:`~featx.errors.ImageError` on a bad image with ``strict``."""
     import numpy as np
 
@@ -320,7 +320,7 @@ def extract_shard(job: ShardJob) -> tuple[int, list[tuple[str, str]], str]:
             path = shard_path(cache, spec.key, job.name)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_part_file(path, spec, done, np.concatenate(out))
-    return len(done), skipped, str(dev) + (" (onnxruntime)" if forward.runtime == "onnx" else "")
+    return len(done), skipped, str(dev), forward.runtime
 
 
 # --------------------------------------------------------------------------
@@ -496,10 +496,10 @@ def _run_jobs(client, jobs: list[ShardJob], retries: int, progress: bool, n_work
         for future in as_completed(futures):
             job = futures[future]
             if future.status == "finished":
-                n, job_skipped, dev = future.result()
+                n, job_skipped, dev, runtime = future.result()
                 run.extracted += n
                 skipped[job.index] = job_skipped
-                devices.add(dev)
+                devices.add((dev, runtime))
                 if n:
                     run.written.append(job)
                 for path, reason in job_skipped:
@@ -517,7 +517,8 @@ def _run_jobs(client, jobs: list[ShardJob], retries: int, progress: bool, n_work
         client.cancel(list(futures))   # nothing left running after an error or Ctrl-C
     run.failed.sort(key=lambda item: item[0].index)
     run.skipped = [x for i in sorted(skipped) for x in skipped[i]]
-    run.where = f"dask: {n_workers} workers, {', '.join(sorted(devices)) or 'no device'}"
-    runtimes = {"onnx" if dev.endswith("(onnxruntime)") else "torch" for dev in devices}
+    where = sorted(dev + (" (onnxruntime)" if runtime == "onnx" else "") for dev, runtime in devices)
+    run.where = f"dask: {n_workers} workers, {', '.join(where) or 'no device'}"
+    runtimes = {runtime for _, runtime in devices}
     run.runtime = runtimes.pop() if len(runtimes) == 1 else ("mixed" if runtimes else "torch")
     return run

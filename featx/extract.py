@@ -36,7 +36,7 @@ POOLS = ("avg", "max", "avgmax", "none")
 COMPUTABLE_FORMATS = (2, 3)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGES = ("float32", "float16")
-_TV_INTERP = {"bilinear": "bilinear", "bicubic": "bicubic"}   # InterpolationMode values
+_TV_INTERP = ("bilinear", "bicubic")   # resized as uint8 tensors by torchvision
 _INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
@@ -55,12 +55,11 @@ def preprocess_image(im: Image.Image, pre: Preprocess, pil_resize: bool = False)
     PIL's resize and about 3x faster (PIL's was 60% of the decode time);
     other filters, and ``pil_resize=True`` (features of cache format 2),
     use PIL."""
-    mode = _TV_INTERP.get(pre.interpolation)
-    if mode is None or pil_resize:
+    if pre.interpolation not in _TV_INTERP or pil_resize:
         return torch.from_numpy(_preprocess_pil(im, pre)).permute(2, 0, 1)
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
-    mode = InterpolationMode(mode)
+    mode = InterpolationMode(pre.interpolation)
     x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
     if min(x.shape[1:]) != pre.resize:
         x = F.resize(x, pre.resize, interpolation=mode, antialias=True)
@@ -69,8 +68,13 @@ def preprocess_image(im: Image.Image, pre: Preprocess, pil_resize: bool = False)
     if h < c or w < c:  # torchvision pads; with resize >= crop this never happens
         x = F.resize(x, [max(h, c), max(w, c)], interpolation=mode, antialias=True)
         h, w = x.shape[1:]
-    top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+    top, left = _center_offsets(h, w, c)
     return x[:, top:top + c, left:left + c].contiguous()
+
+
+def _center_offsets(h: int, w: int, c: int) -> tuple[int, int]:
+    """Top and left of a centered c x c crop, rounded as torchvision rounds."""
+    return int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
 
 
 def _preprocess_pil(im: Image.Image, pre: Preprocess) -> np.ndarray:
@@ -86,7 +90,7 @@ def _preprocess_pil(im: Image.Image, pre: Preprocess) -> np.ndarray:
     if w < c or h < c:
         im = im.resize((max(w, c), max(h, c)), _INTERP.get(pre.interpolation, Image.BILINEAR))
         w, h = im.size
-    top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+    top, left = _center_offsets(h, w, c)
     im = im.crop((left, top, left + c, top + c))
     return np.array(im, dtype=np.uint8)  # a writable copy, as torch wants
 

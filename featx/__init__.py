@@ -18,14 +18,44 @@ import os as _os
 # effect only when featx is imported before torch; a user's setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .backbones import get_backbone, list_backbones, load_backbone, resolve_weights  # noqa: E402
-from .cache import FeatureCache, FeatureSpec  # noqa: E402
-from .data import Dataset, Sample, load_image, open_dataset  # noqa: E402
-from .errors import FeatxError  # noqa: E402
-from .extract import extract, feature_specs, layer_table, load_features  # noqa: E402
+# Names are imported on first use (PEP 562), so ``import featx`` and the
+# ``featx`` command start without loading torch, h5py or scikit-learn.
+_LAZY = {
+    "get_backbone": "backbones", "list_backbones": "backbones", "load_backbone": "backbones",
+    "resolve_weights": "backbones", "FeatureCache": "cache", "FeatureSpec": "cache", "Dataset": "data",
+    "Sample": "data", "load_image": "data", "open_dataset": "data", "FeatxError": "errors",
+    "extract": "extract", "feature_specs": "extract", "layer_table": "extract", "load_features": "extract",
+    "train": "api", "compare": "api", "evaluate": "api", "predict": "api", "load_bundle": "api",
+}
 
-__all__ = [
-    "__version__", "open_dataset", "Dataset", "Sample", "load_image", "list_backbones", "get_backbone",
-    "resolve_weights", "load_backbone", "FeatureCache", "FeatureSpec", "extract", "feature_specs",
-    "load_features", "layer_table", "FeatxError",
-]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featx' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(type(_os)):
+    """``featx.extract``, ``featx.train`` and ``featx.evaluate`` are functions of
+    the API, like submodules of the same name: importing such a submodule
+    must not replace the function (the module stays in ``sys.modules``)."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, type(_os)):
+            return
+        super().__setattr__(name, value)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _Package

@@ -587,7 +587,7 @@ def evaluate_cmd(ctx, model, dataset, split, top_k, out, weights, quiet, cache_d
 
 @cli.command("predict")
 @click.argument("model", type=click.Path())
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--threshold", "-t", default=None, type=click.FloatRange(0, 1),
               help="Below this probability the label is 'uncertain' instead of a guess.")
 @click.option("--top-k", "-k", default=1, show_default=True, type=click.IntRange(1),
@@ -603,6 +603,9 @@ def predict_cmd(model, images, threshold, top_k, fmt, weights, quiet, cache_dir,
     One row per image: label and probability. Unreadable images get an
     error in their row and do not stop the others. Features go through the
     cache, so images seen before are not run through the backbone again.
+
+    Exit status: 0 when every image got a label, 1 when any row is an
+    error, 2 when a path given does not exist (nothing is predicted).
     """
     import contextlib
 
@@ -616,6 +619,11 @@ def predict_cmd(model, images, threshold, top_k, fmt, weights, quiet, cache_dir,
                                     weights=weights, progress=not quiet, notify=echo_err, **_extract_args(extraction))
     echo_err(f"features: {pred.cached} cached, {pred.extracted} extracted")
     click.echo(format_predictions(rows, fmt, top_k=top_k, threshold=threshold))
+    failed = sum(1 for r in rows if r["error"])
+    if failed:
+        echo_err(f"error: {failed} of {len(rows)} image{'s' if len(rows) != 1 else ''} could not be read "
+                 "(exit status 1)")
+        sys.exit(1)
 
 
 # --------------------------------------------------------------------------

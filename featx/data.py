@@ -76,6 +76,12 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def __repr__(self) -> str:   # one line: the dataclass repr would list every sample
+        splits = ", ".join(f"{s} {sum(1 for x in self.samples if x.split == s)}" for s in self.splits)
+        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        return (f"<Dataset {self.name!r}: {len(self.samples)} images, {len(self.classes)} classes, "
+                f"{self.layout} layout; {splits or 'no split'}{skipped}; root {str(self.root)!r}>")
+
     @property
     def name(self) -> str:
         return self.root.stem if self.root.is_file() else self.root.name

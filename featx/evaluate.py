@@ -147,7 +147,9 @@ class ImageInput:
 
 
 def collect_images(inputs: Sequence[str]) -> list[ImageInput]:
-    """Files as given (any extension) and the images inside folders (recursive, sorted)."""
+    """Files as given (any extension) and the images inside folders (recursive, sorted).
+
+    A path that does not exist is a ConfigError (a typo, not an unreadable image)."""
     out = []
     for raw in inputs:
         p = Path(raw).expanduser()
@@ -160,7 +162,7 @@ def collect_images(inputs: Sequence[str]) -> list[ImageInput]:
         elif p.is_file():
             out.append(ImageInput(str(raw), p))
         else:
-            out.append(ImageInput(str(raw), p, "no such file"))
+            raise ConfigError(f"{raw}: no such file or folder; give image files or folders that exist")
     return out
 
 

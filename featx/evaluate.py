@@ -79,9 +79,49 @@ def evaluate_bundle(bundle: Bundle, ds: Dataset, split: str | None = "test", *, 
     y = np.array([index[s.label] for s in kept], dtype=np.int64)
     proba = pred.proba[good]
     metrics = evaluate(y, proba, bundle.classes, top_k=sorted({1, int(top_k)}))
+    cal = calibration(y, proba)
     metrics = {"model": str(bundle.path), "dataset": ds.name, "dataset_id": ds.id,
-               "split": split or "all", "skipped": len(skipped), **metrics}
+               "split": split or "all", "skipped": len(skipped), **metrics, "ece": cal["ece"], "calibration": cal}
     return Evaluation(metrics, kept, y, proba, skipped, notes)
+
+
+ECE_BINS = 15
+
+
+def calibration(y, proba, bins: int = ECE_BINS) -> dict:
+    """Reliability of the top-1 probability: the expected calibration error and its bins.
+
+    The confidence of an image is the probability of its predicted class.
+    ``bins`` equal-width intervals split [0, 1] (``(lo, hi]``, the first
+    also holds 0); in each, ``accuracy`` is the share of its images
+    predicted right and ``confidence`` their mean confidence. The ECE is
+    ``sum(n_b / n * |accuracy_b - confidence_b|)`` (Guo et al., 2017): 0
+    when, say, the images given 0.8 are right 80% of the time.
+
+    >>> import numpy as np
+    >>> c = calibration(np.array([0, 0, 1, 1]), np.array([[.9, .1], [.9, .1], [.3, .7], [.6, .4]]))
+    >>> round(c["ece"], 4), [(b["n"], b["accuracy"]) for b in c["bins"] if b["n"]]
+    (0.275, [(1, 0.0), (1, 1.0), (2, 1.0)])
+    """
+    y = np.asarray(y)
+    proba = np.asarray(proba, dtype=np.float64)
+    n = len(y)
+    conf = proba.max(axis=1) if n else np.zeros(0)
+    right = (proba.argmax(axis=1) == y) if n else np.zeros(0, bool)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)
+    out, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        k = int(mask.sum())
+        acc = float(right[mask].mean()) if k else None
+        mean_conf = float(conf[mask].mean()) if k else None
+        if k:
+            ece += k / n * abs(acc - mean_conf)
+        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": k, "accuracy": acc,
+                    "confidence": mean_conf})
+    return {"ece": float(ece) if n else None, "n_bins": bins, "binning": "equal-width, top-1 confidence",
+            "bins": out}
 
 
 def format_metrics(m: dict) -> str:
@@ -92,6 +132,8 @@ def format_metrics(m: dict) -> str:
         if k != "1":
             lines.append(f"top-{k} acc  {v:.4f}")
     lines.append(f"macro F1   {m['macro']['f1']:.4f}")
+    if m.get("ece") is not None:
+        lines.append(f"ECE        {m['ece']:.4f} ({(m.get('calibration') or {}).get('n_bins', ECE_BINS)} bins)")
     lines.append("")
     rows = [[c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"])]
             for c, v in m["per_class"].items()]
@@ -104,35 +146,89 @@ def format_metrics(m: dict) -> str:
 
 
 def write_evaluation(ev: Evaluation, bundle: Bundle, out_dir) -> dict[str, Path]:
-    """metrics.json, confusion_matrix.png, predictions.csv and report.html in ``out_dir``."""
-    from .report import atomic_write_text, plot_confusion_matrix, save_metrics_json, write_html_report
+    """metrics.json, confusion_matrix.png, calibration.png, predictions.csv and report.html in ``out_dir``.
+
+    The report's gallery shows each mistake with the probability of the
+    true class beside the predicted one and the top 3, each thumbnail
+    linking to the image; then the correct predictions given the lowest
+    probability; the reliability diagram; what the model is (for a
+    fine-tuned bundle: epochs, best epoch and its training curves); and,
+    when the bundle's manifest records the comparison it won
+    (``comparison``: a list of rows), that table.
+    """
+    from .report import (atomic_write_text, plot_confusion_matrix, plot_reliability_diagram, save_metrics_json,
+                         write_html_report)
     out = Path(out_dir)
     classes = bundle.classes
     paths = {"metrics": out / "metrics.json", "confusion": out / "confusion_matrix.png",
-             "predictions": out / "predictions.csv", "report": out / "report.html"}
+             "calibration": out / "calibration.png", "predictions": out / "predictions.csv",
+             "report": out / "report.html"}
     save_metrics_json(paths["metrics"], ev.metrics)
     title = f"{bundle.name} on {ev.metrics['dataset']} ({ev.metrics['split']})"
     plot_confusion_matrix(ev.metrics["confusion_matrix"], classes, paths["confusion"], title=title)
+    plot_reliability_diagram(ev.metrics["calibration"], paths["calibration"], title=title)
     pred = ev.predicted
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "true", "predicted", "probability", "correct"])
+    w.writerow(["path", "true", "predicted", "probability", "correct", "true_probability"])
     for s, t, p, row in zip(ev.samples, ev.y, pred, ev.proba):
-        w.writerow([str(s.path), classes[t], classes[p], repr(float(row[p])), int(t == p)])
+        w.writerow([str(s.path), classes[t], classes[p], repr(float(row[p])), int(t == p), repr(float(row[t]))])
     atomic_write_text(paths["predictions"], buf.getvalue())
-    mistakes = [{"path": str(s.path), "true": classes[t], "pred": classes[p], "prob": float(row[p])}
-                for s, t, p, row in zip(ev.samples, ev.y, pred, ev.proba) if t != p]
-    c = bundle.manifest.get("classifier", {})
-    b = bundle.backbone
-    model = [{"setting": k, "value": v} for k, v in [
-        ("bundle", str(bundle.path)), ("kind", bundle.kind), ("backbone", b.get("name")),
-        ("weights", b.get("weights_identity")), ("layer", b.get("layer")), ("pool", b.get("pool")),
-        ("classifier", c.get("name")), (c.get("param_name", "parameter"), c.get("chosen")),
-        ("chosen by", c.get("score_source")), ("images left out (unreadable)", ev.metrics.get("skipped", 0))]]
+    k = min(3, len(classes))
+    items = []
+    for s, t, p, row in zip(ev.samples, ev.y, pred, ev.proba):
+        top = np.argsort(-row, kind="stable")[:k]
+        items.append({"path": str(s.path), "true": classes[t], "pred": classes[p], "prob": float(row[p]),
+                      "true_prob": float(row[t]), "top_k": [(classes[j], float(row[j])) for j in top],
+                      "correct": bool(t == p)})
     write_html_report(paths["report"], title=title, metrics=ev.metrics, classes=classes,
-                      confusion_png=paths["confusion"], misclassified=mistakes,
-                      extra_tables={"Model": model})
+                      confusion_png=paths["confusion"], calibration_png=paths["calibration"],
+                      misclassified=[m for m in items if not m["correct"]],
+                      least_confident=[m for m in items if m["correct"]],
+                      figures=_bundle_figures(bundle), extra_tables=_bundle_tables(ev, bundle))
     return paths
+
+
+def _score(v) -> str | None:
+    return None if v is None else f"{float(v):.4f}"
+
+
+def _bundle_tables(ev: Evaluation, bundle: Bundle) -> dict[str, list]:
+    """The report's "Model" table (and "Comparison" when the manifest records one)."""
+    b = bundle.backbone
+    skipped = ("images left out (unreadable)", ev.metrics.get("skipped", 0))
+    if bundle.kind == "finetune":
+        f = bundle.manifest.get("finetune") or {}
+        started = b.get("started_from") or {}
+        ran = f.get("epochs_run")
+        stop = " (interrupted)" if f.get("interrupted") else " (early stop)" if f.get("stopped_early") else ""
+        best = f.get("best_epoch")
+        rows = [("bundle", str(bundle.path)), ("kind", "finetune: the whole backbone trained, new head"),
+                ("backbone", b.get("name")), ("started from", started.get("identity") or started.get("spec")),
+                ("epochs", None if ran is None else f"{ran} of {(f.get('config') or {}).get('epochs', ran)}{stop}"),
+                ("best epoch", None if best is None else ("0 (the start itself)" if best == 0 else best)),
+                ("best val accuracy", _score(f.get("best_val_acc"))),
+                ("start val accuracy", _score(f.get("start_val_acc"))),
+                ("batch norm", f.get("bn_rule")), ("trained on", f.get("device")), skipped]
+    else:
+        c = bundle.manifest.get("classifier", {})
+        source, score = c.get("score_source"), c.get("score")
+        chosen_by = None if source is None else f"{source} score {_score(score)}" if score is not None else source
+        rows = [("bundle", str(bundle.path)), ("kind", bundle.kind), ("backbone", b.get("name")),
+                ("weights", b.get("weights_identity")), ("layer", b.get("layer")), ("pool", b.get("pool")),
+                ("classifier", c.get("name")), (c.get("param_name", "parameter"), c.get("chosen")),
+                ("chosen by", chosen_by), skipped]
+    tables = {"Model": [{"setting": k, "value": v} for k, v in rows]}
+    comparison = bundle.manifest.get("comparison")
+    if isinstance(comparison, list) and comparison and all(isinstance(r, dict) for r in comparison):
+        tables["Comparison this model was chosen from"] = comparison
+    return tables
+
+
+def _bundle_figures(bundle: Bundle) -> dict[str, Path]:
+    """PNGs a bundle carries: a fine-tuned one copies its training curves beside its weights."""
+    curves = bundle.path / "training_curves.png"
+    return {"Training curves": curves} if curves.is_file() else {}
 
 
 # --------------------------------------------------------------------------

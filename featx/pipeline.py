@@ -1428,7 +1428,8 @@ def _stage_report(plan: Plan, item: PlanItem, best, rows, metrics, notify, event
     r = best.row
     model = [{"setting": k, "value": v} for k, v in [
         ("pipeline", str(p.path.resolve())), ("best model", best.label),
-        ("chosen by", f"{r.get('score_source')} score {r.get('val_or_cv_score')}"),
+        ("chosen by", f"{r.get('score_source')} score "
+                      + ("-" if r.get("val_or_cv_score") is None else f"{r['val_or_cv_score']:.4f}")),
         (r.get("param_name") or "parameter", r.get("chosen")), ("bundle", str(out / p.output["bundle"])),
         ("evaluated on", f"{metrics.get('split')} split of {ds.name}")]]
     comparison = [{"#": i + 1, "backbone": x.backbone, "layer": x.layer, "dims": x.dims, "classifier": x.classifier,

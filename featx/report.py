@@ -42,11 +42,28 @@ MAX_ANNOTATED_CLASSES = 40
 # atomic files
 
 
+def _umask() -> int:
+    """The process umask: from /proc on Linux (no window where another thread
+    sees a changed umask), else by setting it and straight back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path, write: Callable[[Any], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file owner-only; the real file gets what open() would give it
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -214,6 +231,57 @@ def plot_training_curves(history: Sequence[Mapping], path) -> Path:
     return _save_png(fig, path)
 
 
+def plot_reliability_diagram(calibration: Mapping, path, title: str | None = None) -> Path:
+    """Save a PNG reliability diagram: accuracy against confidence per bin.
+
+    Parameters
+    ----------
+    calibration : mapping
+        As :func:`featx.evaluate.calibration` returns: ``ece`` and ``bins``,
+        each ``{"lo", "hi", "n", "accuracy", "confidence"}``.
+    path : str or Path
+        Destination PNG.
+    title : str, optional
+        Figure title (the ECE is added to it).
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Notes
+    -----
+    Left: the accuracy of each non-empty bin as a bar over its interval,
+    its mean confidence as a dot and the diagonal (perfect calibration);
+    bars under the diagonal are over-confident. Right: images per bin.
+    """
+    bins = list(calibration.get("bins") or [])
+    fig = _new_figure(9.0, 4.2)
+    ax, ax_n = fig.subplots(1, 2, width_ratios=[3, 2])
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
+    full = [b for b in bins if b.get("n")]
+    if full:
+        ax.bar([b["lo"] for b in full], [b["accuracy"] for b in full], width=[b["hi"] - b["lo"] for b in full],
+               align="edge", color="tab:blue", alpha=0.7, edgecolor="tab:blue", label="accuracy")
+        ax.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], "o", color="tab:orange",
+                markersize=4, label="mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_n.bar([b["lo"] for b in bins], [b.get("n", 0) for b in bins], width=[b["hi"] - b["lo"] for b in bins],
+             align="edge", color="tab:grey")
+    ax_n.set_xlim(0, 1)
+    ax_n.set_xlabel("confidence")
+    ax_n.set_ylabel("images")
+    ece = calibration.get("ece")
+    head = f"ECE {ece:.4f} ({len(bins)} equal-width bins)" if ece is not None else "no images"
+    fig.suptitle(f"{title}: {head}" if title else head)
+    return _save_png(fig, path)
+
+
 # --------------------------------------------------------------------------
 # HTML
 
@@ -222,7 +290,7 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+th:first-child, td:first-child, td.text { text-align: left; }
 th { background: #f3f3f3; }
 .summary td { font-variant-numeric: tabular-nums; }
 .gallery { display: flex; flex-wrap: wrap; gap: 1em; }
@@ -230,6 +298,7 @@ th { background: #f3f3f3; }
 .gallery img { display: block; max-width: 128px; max-height: 128px; }
 .missing { color: #a00; }
 img.cm { max-width: 100%; }
+.gallery a { display: block; }
 """
 
 
@@ -266,9 +335,53 @@ def _thumbnail_uri(path) -> str | None:
     return _data_uri(buf.getvalue(), "image/jpeg")
 
 
+def _cell_class(value) -> str:
+    """Text is left-aligned, numbers right-aligned (so their digits line up)."""
+    return ' class="text"' if isinstance(value, str) else ""
+
+
+def _href(image, report) -> str:
+    """A link from the report to the full image: relative to the report's folder where possible."""
+    from urllib.parse import quote
+    target = Path(str(image)).expanduser().absolute()
+    try:
+        return quote(Path(os.path.relpath(target, Path(report).absolute().parent)).as_posix())
+    except ValueError:           # another drive (Windows): no relative path exists
+        return target.as_uri()
+
+
+def _figure(m: Mapping, classes, report) -> str:
+    """One gallery entry: thumbnail linked to the image, true and predicted class with their probabilities, top-k."""
+    true = _class_name(m.get("true"), classes)
+    pred = _class_name(m.get("pred"), classes)
+    path = m.get("path")
+    uri = _thumbnail_uri(path) if path is not None else None
+    img = (f'<img alt="{_e(Path(str(path)).name)}" src="{uri}">' if uri
+           else '<span class="missing">(image unreadable)</span>')
+    if path is not None:
+        img = f'<a href="{_e(_href(path, report))}">{img}</a>'
+    true_p = f' ({_e(_fmt(m["true_prob"]))})' if m.get("true_prob") is not None else ""
+    top = m.get("top_k") or []
+    top_line = (f'<br>top-{len(top)}: ' + ", ".join(f"{_e(_class_name(c, classes))} {_e(_fmt(p))}" for c, p in top)
+                if top else "")
+    kind = "mistake" if m.get("correct") is not True else "unsure"
+    return (f'<figure class="{kind}">{img}<figcaption>'
+            f'true: <b>{_e(true)}</b>{true_p}<br>predicted: <b>{_e(pred)}</b> '
+            f'({_e(_fmt(m.get("prob")))}){top_line}<br><small>{_e(path)}</small>'
+            f'</figcaption></figure>\n')
+
+
+def _png(png, alt: str) -> str:
+    try:
+        data = Path(png).read_bytes()
+    except OSError as err:
+        return f'<p class="missing">{_e(alt)} image unreadable: {_e(png)} ({_e(err.strerror or err)})</p>\n'
+    return f'<img class="cm" alt="{_e(alt)}" src="{_data_uri(data, "image/png")}">\n'
+
+
 def _table(headers: Sequence[str], rows: Iterable[Sequence], cls: str = "") -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{_e(_fmt(c))}</td>" for c in row) + "</tr>\n"
+    body = "".join("<tr>" + "".join(f"<td{_cell_class(c)}>{_e(_fmt(c))}</td>" for c in row) + "</tr>\n"
                    for row in rows)
     attr = f' class="{cls}"' if cls else ""
     return f"<table{attr}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n"
@@ -299,7 +412,9 @@ def _class_name(label, classes):
 def write_html_report(path, *, title: str, metrics: Mapping, classes: Sequence[str],
                       confusion_png=None, misclassified: Iterable[Mapping] = (),
                       extra_tables: Mapping[str, Iterable] | None = None,
-                      max_misclassified: int = 200) -> Path:
+                      max_misclassified: int = 200, calibration_png=None,
+                      least_confident: Iterable[Mapping] = (), max_least_confident: int = 24,
+                      figures: Mapping[str, Any] | None = None) -> Path:
     """Write one self-contained HTML page (images embedded as data URIs).
 
     Parameters
@@ -316,8 +431,11 @@ def write_html_report(path, *, title: str, metrics: Mapping, classes: Sequence[s
         PNG from :func:`plot_confusion_matrix`, embedded.
     misclassified : iterable of mapping
         Each ``{"path", "true", "pred", "prob"}`` (labels as names or class
-        indices; ``prob`` is the probability given to ``pred``). Shown most
-        confident mistake first, with a ~128 px thumbnail, or the path alone
+        indices; ``prob`` is the probability given to ``pred``), optionally
+        ``"true_prob"`` (the probability of the true class, shown beside
+        it) and ``"top_k"`` (a list of (label, probability)). Shown most
+        confident mistake first, with a ~128 px thumbnail linking to the
+        image (a path relative to the report's folder), or the path alone
         when the image cannot be read.
     extra_tables : mapping, optional
         Title -> rows (dicts or dataclasses such as
@@ -325,6 +443,15 @@ def write_html_report(path, *, title: str, metrics: Mapping, classes: Sequence[s
     max_misclassified : int, default=200
         Gallery size cap (the most confident mistakes are kept); the page
         says how many were left out.
+    calibration_png : str or Path, optional
+        PNG from :func:`plot_reliability_diagram`, embedded; the summary
+        shows ``metrics["ece"]`` when present.
+    least_confident : iterable of mapping
+        Correct predictions, as ``misclassified``: the
+        ``max_least_confident`` given the lowest probability are shown,
+        least confident first.
+    figures : mapping, optional
+        Title -> PNG path (e.g. a fine-tuned bundle's training curves), embedded.
 
     Returns
     -------
@@ -345,6 +472,9 @@ def write_html_report(path, *, title: str, metrics: Mapping, classes: Sequence[s
             v = (metrics.get(avg) or {}).get(name)
             if v is not None:
                 summary.append((f"{avg} {name.replace('f1', 'F1')}", v))
+    if metrics.get("ece") is not None:
+        bins = (metrics.get("calibration") or {}).get("n_bins")
+        summary.append((f"ECE ({bins} bins)" if bins else "ECE", metrics["ece"]))
     parts += ["<h2>Summary</h2>\n", _table(["metric", "value"], summary, "summary")]
 
     per_class = metrics.get("per_class") or {}
@@ -356,14 +486,7 @@ def write_html_report(path, *, title: str, metrics: Mapping, classes: Sequence[s
               _table(["class", "precision", "recall", "F1", "support"], rows)]
 
     if confusion_png is not None:
-        parts.append("<h2>Confusion matrix</h2>\n")
-        try:
-            data = Path(confusion_png).read_bytes()
-            parts.append(f'<img class="cm" alt="confusion matrix" '
-                         f'src="{_data_uri(data, "image/png")}">\n')
-        except OSError as err:
-            parts.append(f'<p class="missing">confusion matrix image unreadable: '
-                         f'{_e(confusion_png)} ({_e(err.strerror or err)})</p>\n')
+        parts += ["<h2>Confusion matrix</h2>\n", _png(confusion_png, "confusion matrix")]
 
     items = [dict(m) for m in misclassified]
     items.sort(key=lambda m: -(m.get("prob") if m.get("prob") is not None else -math.inf))
@@ -372,21 +495,26 @@ def write_html_report(path, *, title: str, metrics: Mapping, classes: Sequence[s
     if len(shown) < len(items):
         parts.append(f"<p>The {len(shown)} most confident mistakes of {len(items)}.</p>\n")
     if shown:
-        parts.append('<div class="gallery">\n')
-        for m in shown:
-            true = _class_name(m.get("true"), classes)
-            pred = _class_name(m.get("pred"), classes)
-            uri = _thumbnail_uri(m.get("path")) if m.get("path") is not None else None
-            img = (f'<img alt="{_e(Path(str(m.get("path"))).name)}" src="{uri}">' if uri
-                   else '<span class="missing">(image unreadable)</span>')
-            parts.append(
-                f'<figure class="mistake">{img}<figcaption>'
-                f'true: <b>{_e(true)}</b><br>predicted: <b>{_e(pred)}</b> '
-                f'({_e(_fmt(m.get("prob")))})<br><small>{_e(m.get("path"))}</small>'
-                f'</figcaption></figure>\n')
-        parts.append("</div>\n")
+        parts += ['<div class="gallery">\n', *(_figure(m, classes, path) for m in shown), "</div>\n"]
     else:
         parts.append("<p>None.</p>\n")
+
+    unsure = [{**m, "correct": True} for m in least_confident]
+    if unsure:
+        unsure.sort(key=lambda m: m.get("prob") if m.get("prob") is not None else math.inf)
+        kept = unsure[:max(0, max_least_confident)]
+        parts += [f"<h2>Correct but least confident ({len(kept)} of {len(unsure)})</h2>\n",
+                  '<div class="gallery">\n', *(_figure(m, classes, path) for m in kept), "</div>\n"]
+
+    if calibration_png is not None:
+        parts += ["<h2>Reliability</h2>\n",
+                  "<p>Accuracy against confidence (the probability of the predicted class) in "
+                  f"{(metrics.get('calibration') or {}).get('n_bins', 15)} equal-width "
+                  "bins; the expected calibration error (ECE) is the mean gap, weighted by images per bin.</p>\n",
+                  _png(calibration_png, "reliability diagram")]
+
+    for name, png in (figures or {}).items():
+        parts += [f"<h2>{_e(name)}</h2>\n", _png(png, name)]
 
     for name, table_rows in (extra_tables or {}).items():
         headers, rows = _rows_of(table_rows)

@@ -140,25 +140,26 @@ def test_evaluate_prints_what_metrics_json_holds_and_writes_a_valid_report(train
     acc, top2, f1 = m["accuracy"], m["top_k_accuracy"]["2"], m["macro"]["f1"]
     assert (m["n"], m["split"], round(acc, 4)) == (9, "all", 0.7778)
     lines = r.stdout.splitlines()
-    assert lines[:5] == [f"{work['model'].name} on eval, split all", "images     9", f"accuracy   {acc:.4f}",
-                         f"top-2 acc  {top2:.4f}", f"macro F1   {f1:.4f}"]
-    table = {line.split()[0]: line.split()[1:] for line in lines[8:11]}
+    assert lines[:6] == [f"{work['model'].name} on eval, split all", "images     9", f"accuracy   {acc:.4f}",
+                         f"top-2 acc  {top2:.4f}", f"macro F1   {f1:.4f}", f"ECE        {m['ece']:.4f} (15 bins)"]
+    table = {line.split()[0]: line.split()[1:] for line in lines[9:12]}
     for name, v in m["per_class"].items():
         assert table[name] == [f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"])]
     assert table["green"][3] == "5" and table["red"][1] == "1.0000"
-    assert lines[-1] == (f"wrote {out / 'metrics.json'}, {out / 'confusion_matrix.png'}, "
+    assert lines[-1] == (f"wrote {out / 'metrics.json'}, {out / 'confusion_matrix.png'}, {out / 'calibration.png'}, "
                          f"{out / 'predictions.csv'}, {out / 'report.html'}")
     with Image.open(out / "confusion_matrix.png") as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 100
     page = _Page()
     page.feed((out / "report.html").read_text())
     page.close()
-    assert page.stack == [] and page.images == 1 + 2          # confusion matrix + 2 mistakes
+    # confusion matrix + 2 mistakes + 7 correct but least confident + reliability diagram
+    assert page.stack == [] and page.images == 1 + 2 + 7 + 1
     with open(out / "predictions.csv") as f:
         preds = list(csv.DictReader(f))
     wrong = sorted((r for r in preds if r["correct"] == "0"), key=lambda r: -float(r["probability"]))
-    assert [w["path"].rsplit("/", 1)[1] for w in wrong] == [c.split()[-1].rsplit("/", 1)[1] for c in page.captions]
-    assert all("true: green" in c and "predicted: red" in c for c in page.captions)
+    assert [w["path"].rsplit("/", 1)[1] for w in wrong] == [c.split()[-1].rsplit("/", 1)[1] for c in page.captions[:2]]
+    assert all("true: green" in c and "predicted: red" in c for c in page.captions[:2])
 
 
 def test_predict_marks_uncertain_reports_bad_images_and_reuses_cached_features(trained, work, run, tmp_path):

@@ -9,12 +9,24 @@ A bundle is a directory, by convention ``NAME.featx/``::
                     classifier and how its parameter was chosen, the
                     training data, library versions, and the sha256 of
                     every payload file
-    model.joblib    kind "linear": the fitted scikit-learn Pipeline
-                    (scaler, optional PCA, classifier)
+    model.json      kind "linear": the fitted scikit-learn Pipeline (scaler,
+    model.safetensors  optional PCA, classifier) as data: each estimator's
+                    class name, parameters and fitted numbers in JSON, its
+                    arrays in safetensors (see :mod:`featx.safemodel`)
+    backbone.pt     kind "finetune": the network's state_dict (tensors only)
 
-``manifest.json`` is plain JSON; read it with any tool. The payload is a
-pickle (joblib): load bundles only from sources you trust, as with any
-pickle.
+Bundles carry no code. ``manifest.json`` is plain JSON; read it with any
+tool. Loading a "linear" bundle builds only whitelisted scikit-learn classes
+(:data:`featx.safemodel.ALLOWED`) from JSON and arrays; ``backbone.pt`` is
+read with ``torch.load(weights_only=True)``, which builds tensors and
+nothing else. What is still a pickle -- ``model.joblib`` of format 1
+bundles, or of a model featx cannot store as data, written only when asked
+with :class:`Pickled` -- can run any code when loaded, so
+:func:`load_bundle` refuses it unless called with ``trust=True`` (the CLI's
+``--trust-bundle``), and then says so on stderr first.
+:func:`upgrade_bundle` rewrites such a bundle (once trusted) without pickle.
+The sha256 of every payload file in ``manifest.json`` finds damage, not
+malice: whoever can change a payload can change the manifest too.
 
 A bundle is written to a temporary folder beside its destination and moved
 into place only when complete; an existing bundle is replaced only then.
@@ -54,11 +66,13 @@ from .errors import ConfigError, FeatxError, WeightsError
 
 __all__ = [
     "BUNDLE_FORMAT", "Bundle", "BundleError", "BundleKind", "KINDS", "Predictions",
-    "bundle_probabilities", "check_destination", "check_weights", "dataset_record", "get_kind", "linear_manifest",
-    "load_bundle", "register_kind", "save_bundle",
+    "Pickled", "bundle_probabilities", "check_destination", "check_weights", "dataset_record", "get_kind",
+    "linear_manifest", "load_bundle", "read_manifest", "register_kind", "save_bundle", "upgrade_bundle",
 ]
 
-BUNDLE_FORMAT = 1
+# 2: "linear" payloads are model.json + model.safetensors (no pickle); 1: model.joblib (a pickle)
+BUNDLE_FORMAT = 2
+READS_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 SUFFIX = ".featx"
 
@@ -88,6 +102,13 @@ class BundleKind:
     probabilities : callable
         ``probabilities(bundle, samples, **options) -> Predictions``; see
         :func:`bundle_probabilities` for the options.
+    pickle_files : tuple of str
+        The payload files ``save`` writes instead of ``files`` when the
+        payload can only be stored as a pickle (and format 1 bundles of the
+        kind always have); empty: the kind never pickles.
+    load_pickle : callable, optional
+        ``load_pickle(folder, manifest) -> payload`` reads ``pickle_files``;
+        :func:`load_bundle` calls it only when trusted.
     """
 
     name: str
@@ -95,6 +116,8 @@ class BundleKind:
     save: Callable[[Any, Path], None]
     load: Callable[[Path, dict], Any]
     probabilities: Callable[..., "Predictions"]
+    pickle_files: tuple[str, ...] = ()
+    load_pickle: Callable[[Path, dict], Any] | None = None
 
 
 # kind -> BundleKind, or "module:attribute" naming one (imported when first used)
@@ -155,6 +178,7 @@ class Bundle:
 
 def _versions() -> dict:
     import joblib
+    import safetensors
     import sklearn
     import torch
     import torchvision
@@ -162,7 +186,7 @@ def _versions() -> dict:
     from . import __version__
     return {"featx": __version__, "scikit-learn": sklearn.__version__, "joblib": joblib.__version__,
             "numpy": np.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": sys.version.split()[0]}
+            "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
 
 
 def check_destination(path: str | os.PathLike) -> Path:
@@ -190,7 +214,11 @@ def save_bundle(path: str | os.PathLike, manifest: dict, payload: Any) -> Path:
     try:
         kind.save(payload, tmp)
         files = {}
-        for name in kind.files:
+        written = kind.files
+        if kind.pickle_files and all((tmp / n).is_file() for n in kind.pickle_files) \
+                and not any((tmp / n).is_file() for n in kind.files):
+            written = kind.pickle_files
+        for name in written:
             p = tmp / name
             if not p.is_file():
                 raise BundleError(f"bundle kind {kind.name!r} did not write {name}")
@@ -217,12 +245,11 @@ def save_bundle(path: str | os.PathLike, manifest: dict, payload: Any) -> Path:
     return path
 
 
-def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Read a bundle: manifest, version and kind checks, payload hashes, payload.
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of the bundle at ``path``, its format checked; loads no payload.
 
-    Raises :class:`BundleError` with one line saying what is wrong: not a
-    bundle, a format or kind this featx does not read, missing or changed
-    payload files.
+    Raises :class:`BundleError` with one line: not a bundle, unreadable, or
+    a format this featx does not read.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -237,13 +264,49 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     if not isinstance(manifest, dict) or "featx_bundle" not in manifest:
         raise BundleError(f"{path}: not a featx model bundle ({MANIFEST} has no 'featx_bundle' version)")
     version = manifest["featx_bundle"]
-    if version != BUNDLE_FORMAT:
-        newer = isinstance(version, int) and version > BUNDLE_FORMAT
+    if type(version) is not int or version not in READS_FORMATS:
+        newer = type(version) is int and version > BUNDLE_FORMAT
+        reads = " and ".join(str(v) for v in READS_FORMATS)
         raise BundleError(f"{path}: bundle format {version!r} is unknown to featx "
-                          f"{_versions()['featx']}, which reads format {BUNDLE_FORMAT}"
+                          f"{_versions()['featx']}, which reads formats {reads}"
                           + ("; upgrade featx" if newer else ""))
+    return manifest
+
+
+def _payload_files(kind: BundleKind, manifest: dict) -> tuple[tuple[str, ...], bool]:
+    """The payload files this bundle has, and whether they are a pickle."""
+    if not kind.pickle_files:
+        return kind.files, False
+    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    if manifest["featx_bundle"] == 1 or (all(n in listed for n in kind.pickle_files)
+                                         and not any(n in listed for n in kind.files)):
+        return kind.pickle_files, True
+    return kind.files, False
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_bundle(path: str | os.PathLike, *, trust: bool = False, notify: Callable[[str], None] | None = None) -> Bundle:
+    """Read a bundle: manifest, version and kind checks, payload hashes, payload.
+
+    A payload that is a pickle (``model.joblib``: format 1 bundles, or a
+    model saved as :class:`Pickled`) can run any code when loaded; it is
+    loaded only with ``trust=True`` (the CLI's ``--trust-bundle``), after a
+    one-line warning to ``notify`` (default: stderr). Other payloads are
+    data and load either way.
+
+    Raises :class:`BundleError` with one line saying what is wrong: not a
+    bundle, a format or kind this featx does not read, missing or changed
+    payload files, a pickle without ``trust``, a model description naming
+    classes or values a bundle may not hold.
+    """
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
     kind = get_kind_for(path, manifest.get("kind"))
-    for name in kind.files:
+    names, pickled = _payload_files(kind, manifest)
+    for name in names:
         p = path / name
         if not p.is_file():
             raise BundleError(f"{path}: incomplete bundle, {name} is missing")
@@ -251,7 +314,17 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         if want and file_sha256(p) != want:
             raise BundleError(f"{p}: does not match the sha256 in {MANIFEST} (changed or damaged); "
                               "restore the bundle or train again")
-    payload = kind.load(path, manifest)
+    if pickled:
+        why = "a format 1 bundle" if manifest["featx_bundle"] == 1 else "saved as a pickle"
+        if not trust:
+            raise BundleError(f"{path}: its model is a pickle ({names[0]}, {why}), which can run any code when "
+                              "loaded; if you trust where this bundle came from, load it with --trust-bundle "
+                              "(trust=True), and make it safe with featx.bundle.upgrade_bundle")
+        (notify or _stderr)(f"warning: {path.name}: loading {names[0]}, a pickle that can run any code "
+                            "(--trust-bundle was given)")
+        payload = kind.load_pickle(path, manifest)
+    else:
+        payload = kind.load(path, manifest)
     warnings = []
     made_with = (manifest.get("versions") or {}).get("scikit-learn")
     here = _versions()["scikit-learn"]
@@ -406,6 +479,41 @@ def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weigh
     return Predictions(proba, errors, report.n_extracted, report.n_cached, report.seconds)
 
 
+@dataclass(frozen=True)
+class Pickled:
+    """A model to store as a pickle (``model.joblib``) because it cannot be
+    stored as data (see :mod:`featx.safemodel`): ``save_bundle(path,
+    manifest, Pickled(model))``. Such a bundle loads only when trusted."""
+
+    model: Any
+
+
+def _save_linear(payload, folder: Path) -> None:
+    """The Pipeline as model.json + model.safetensors; a :class:`Pickled` one as model.joblib."""
+    from . import safemodel
+    if isinstance(payload, Pickled):
+        return _save_joblib(payload.model, folder)
+    try:
+        safemodel.save(payload, folder)
+    except safemodel.Unsupported as e:
+        raise BundleError(f"the model cannot be stored without pickle ({e}); save it as featx.bundle.Pickled(model) "
+                          "to write model.joblib, which loads only with --trust-bundle") from None
+
+
+def _load_linear(folder: Path, manifest: dict):
+    """Rebuild the Pipeline from model.json + model.safetensors: data only, whitelisted classes."""
+    from . import safemodel
+    try:
+        return safemodel.load(folder)
+    except safemodel.Unsupported as e:
+        raise BundleError(f"{folder / safemodel.JSON_FILE}: not a model this featx builds ({e}); "
+                          "train the model again") from None
+    except Exception as e:  # noqa: BLE001 - unreadable JSON or safetensors, inconsistent arrays: a bad bundle
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise BundleError(f"{folder}: model.json/model.safetensors cannot be loaded ({type(e).__name__}: {first}); "
+                          "restore the bundle or train again") from None
+
+
 def _save_joblib(payload, folder: Path) -> None:
     import joblib
     joblib.dump(payload, folder / "model.joblib", compress=3)
@@ -424,7 +532,32 @@ def _load_joblib(folder: Path, manifest: dict):
         raise BundleError(f"{folder / 'model.joblib'}: cannot be loaded ({type(e).__name__}: {str(e)[:160]})") from None
 
 
-LINEAR = BundleKind("linear", ("model.joblib",), _save_joblib, _load_joblib, _linear_probabilities)
+LINEAR = BundleKind("linear", ("model.json", "model.safetensors"), _save_linear, _load_linear, _linear_probabilities,
+                    pickle_files=("model.joblib",), load_pickle=_load_joblib)
+
+
+def upgrade_bundle(path: str | os.PathLike, out: str | os.PathLike | None = None, *, trust: bool = False,
+                   notify: Callable[[str], None] | None = None) -> Path:
+    """Rewrite a bundle whose model is a pickle (format 1) without pickle; returns where it is.
+
+    The pickle is loaded first, so this needs ``trust=True`` as
+    :func:`load_bundle` does. ``out``: where to write (default: replace
+    ``path``). The manifest keeps everything it said and records the
+    upgrade under ``"upgraded"``. A bundle that carries no pickle is left as
+    it is (and ``path`` returned; with ``out``, :class:`BundleError`).
+    """
+    path = Path(path).expanduser()
+    bundle = load_bundle(path, trust=trust, notify=notify)
+    _, pickled = _payload_files(get_kind(bundle.kind), bundle.manifest)
+    if not pickled:
+        if out is not None:
+            raise BundleError(f"{path}: carries no pickle, nothing to upgrade (copy the folder to {out} instead)")
+        return path
+    old = bundle.manifest
+    manifest = {k: v for k, v in old.items() if k not in ("featx_bundle", "files", "versions")}
+    manifest["upgraded"] = {"from_format": old["featx_bundle"], "from_files": old.get("files"),
+                            "versions": old.get("versions"), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return save_bundle(out if out is not None else path, manifest, bundle.payload)
 
 
 def dataset_record(dataset) -> dict:

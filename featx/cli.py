@@ -213,6 +213,8 @@ def extract_cmd(ctx, dataset, backbone, weights, pool, precision, storage, batch
                 raise click.UsageError(f"--backbone-from takes the network from {backbone_from}; drop --{name}")
         from .finetune import backbone_from_bundle
         backbone, extra["resolved"], _ = backbone_from_bundle(backbone_from)
+    else:
+        backbone = check_names([backbone], [(backbone, layer) for layer in layers])[0]
     ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
     if strict and ds.skipped:   # listed but missing, say: as bad as an unreadable image
         path, reason = ds.skipped[0]
@@ -361,6 +363,19 @@ def bundle_run_options(f):
                              "[default: as recorded in the bundle].")(f)
 
 
+def check_names(backbones, layers=()) -> list[str]:
+    """Fail before the dataset is read on a backbone or layer that does not exist.
+
+    ``layers``: (backbone, layer) pairs. Backbone names are taken in any
+    case; returns them as the registry spells them."""
+    from .backbones import get_backbone
+    from .extract import check_layers
+    names = [get_backbone(b).name for b in backbones]
+    for backbone, layer in layers:
+        check_layers(backbone, [layer])
+    return names
+
+
 def check_runtime(options: dict):
     """Fail before the dataset is read when ``--runtime onnx`` cannot run
     with the other options (a GPU, reduced precision)."""
@@ -435,6 +450,7 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, chunk_ro
     values = parse_grid(classifier, grid)
     check_destination(out)
     check_runtime(extraction)
+    extraction["backbone"] = check_names([extraction["backbone"]], [(extraction["backbone"], layer)] if layer else [])[0]
     ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
     backbone = extraction.pop("backbone")
     result = train(ds, backbone, classifier, layer=layer, grid=values, pca=_pca_value(pca), cv=cv, jobs=jobs,
@@ -494,7 +510,9 @@ def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, th
     from .data import _slug
     from .train import compare, parse_grid, parse_layers
     check_runtime(extraction)
+    backbones = check_names(backbones)
     by_backbone = parse_layers(backbones, layers)
+    check_names([], [(b, layer) for b, ls in by_backbone.items() for layer in ls or []])
     classifiers = list(dict.fromkeys(classifiers))
     grids = {c: parse_grid(c, grid) for c in classifiers}
     ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
@@ -689,6 +707,7 @@ def finetune_cmd(dataset, backbone, weights, epochs, freeze_epochs, lr, lr_mult,
     from .bundle import check_destination
     from .finetune import finetune, summary_lines
     check_destination(out)
+    backbone = check_names([backbone])[0]
     ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
     result = finetune(ds, backbone, out, weights=weights, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr,
                       lr_mult=lr_mult, lr_groups=lr_groups, batch_size=batch_size, optimizer=optimizer,
@@ -778,6 +797,7 @@ def advise_cmd(dataset, backbone, weights, write_path, sample, device, batch_siz
     import contextlib
 
     from .advise import advise, format_advice
+    backbone = check_names([backbone])[0]
     with contextlib.redirect_stdout(sys.stderr):
         ds, m, a, written = advise(dataset, backbone=backbone, weights=weights, write=write_path, cache=cache_dir,
                                    layout=layout, label_regex=label_regex, val_fraction=val_fraction,

@@ -11,6 +11,7 @@ a part file, so a killed run loses at most the batch in flight.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import sys
@@ -138,11 +139,12 @@ def pool_features(t: torch.Tensor, pool: str) -> torch.Tensor:
 class FeatureNet(nn.Module):
     """uint8 NCHW images in, one pooled (N, D) tensor per requested layer out."""
 
-    def __init__(self, model: nn.Module, layers: list[str], pool: str, pre: Preprocess, fuse: bool = False):
+    def __init__(self, model: nn.Module, layers: list[str], pool: str, pre: Preprocess, fuse: bool = False,
+                 backbone: str = "BACKBONE"):
         super().__init__()
         self.layers = list(layers)
         self.pool = pool
-        self.body, self.node_of = _feature_body(fuse_conv_bn(model) if fuse else model, self.layers)
+        self.body, self.node_of = _feature_body(fuse_conv_bn(model) if fuse else model, self.layers, backbone)
         std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
         # (x/255 - mean)/std as one multiply-add
@@ -212,7 +214,7 @@ class _Hooked(nn.Module):
         return dict(self._store)
 
 
-def _feature_body(model: nn.Module, layers: list[str]):
+def _feature_body(model: nn.Module, layers: list[str], backbone: str = "BACKBONE"):
     from torchvision.models.feature_extraction import create_feature_extractor
     names = graph_nodes(model)
     if names is not None:
@@ -220,7 +222,7 @@ def _feature_body(model: nn.Module, layers: list[str]):
         for layer in layers:
             node = resolve_node(layer, names)
             if node is None:
-                raise BackboneError(_unknown_layer_message(layer, names))
+                raise BackboneError(_unknown_layer_message(layer, _block_names(model, names), backbone))
             node_of[layer] = node
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -229,7 +231,7 @@ def _feature_body(model: nn.Module, layers: list[str]):
     modules = dict(model.named_modules())
     unknown = [n for n in layers if n not in modules or n == ""]
     if unknown:
-        raise BackboneError(_unknown_layer_message(unknown[0], [m for m in modules if m]))
+        raise BackboneError(_unknown_layer_message(unknown[0], [m for m in modules if m], backbone))
     return _Hooked(model, layers), {n: n for n in layers}
 
 
@@ -242,11 +244,49 @@ def resolve_node(layer: str, nodes: list[str]) -> str | None:
     return inside[-1] if inside else None
 
 
-def _unknown_layer_message(name: str, known: list[str]) -> str:
-    import difflib
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"--layer {name}: no such layer{hint} (list them with `featx layers BACKBONE`)"
+def _unknown_layer_message(name: str, listed: list[str], backbone: str) -> str:
+    """``listed``: what ``featx layers BACKBONE`` shows, the only names suggested."""
+    from .errors import did_you_mean
+    hint = did_you_mean(name, listed, n=3, cutoff=0.5)
+    return (f"--layer {name}: no such layer in {backbone}{'; ' + hint if hint else ''} "
+            f"(list them with `featx layers {backbone}`)")
+
+
+@functools.lru_cache(maxsize=16)
+def _known_layers(backbone: str) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """(every extractable name, those ``featx layers`` lists, whether they are graph nodes)."""
+    info = get_backbone(backbone)
+    state = torch.random.get_rng_state()
+    try:
+        model = info.build(num_classes=1000, pretrained=False).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    nodes = graph_nodes(model)
+    if nodes is None:
+        names = tuple(n for n, _ in model.named_modules() if n)
+        return names, names, False
+    listed = _block_names(model, nodes)
+    if info.default_layer not in listed:
+        listed.append(info.default_layer)
+    return tuple(nodes), tuple(listed), True
+
+
+def check_layers(backbone: str, layers) -> None:
+    """BackboneError naming the first of ``layers`` that ``backbone`` does not have.
+
+    Builds the (randomly initialised) network to read its layer names, so a
+    command can say so before it reads a dataset. Suggestions come from
+    what ``featx layers BACKBONE`` lists.
+    """
+    info = get_backbone(backbone)
+    layers = [layer for layer in (layers or []) if layer]
+    if not layers:
+        return
+    names, listed, is_graph = _known_layers(info.name)
+    for layer in layers:
+        found = resolve_node(layer, list(names)) if is_graph else (layer if layer in names else None)
+        if found is None:
+            raise BackboneError(_unknown_layer_message(layer, list(listed), info.name))
 
 
 def graph_nodes(model: nn.Module) -> list[str] | None:
@@ -594,7 +634,7 @@ class Forward:
 
     def __init__(self, lb: LoadedBackbone, layers: list[str], pool: str, device: torch.device,
                  precision: str, compile: bool = False, notify=None):
-        self.net = FeatureNet(lb.model, layers, pool, lb.preprocess, fuse=True).eval().to(device)
+        self.net = FeatureNet(lb.model, layers, pool, lb.preprocess, fuse=True, backbone=lb.info.name).eval().to(device)
         self.net = self.net.to(memory_format=torch.channels_last)
         self.device, self.precision = device, precision
         self.notify = notify or (lambda msg: None)
@@ -681,7 +721,7 @@ class OnnxForward:
             import onnxruntime as ort
         except (ImportError, OSError) as e:   # installed but broken (a missing shared library, say)
             raise BackboneError(f"onnxruntime does not load ({e}); use --runtime torch") from e
-        self.net = FeatureNet(lb.model, layers, pool, lb.preprocess, fuse=True).eval()
+        self.net = FeatureNet(lb.model, layers, pool, lb.preprocess, fuse=True, backbone=lb.info.name).eval()
         crop = lb.preprocess.crop
         example = torch.zeros((2, 3, crop, crop), dtype=torch.uint8)
         buf = io.BytesIO()

@@ -1100,12 +1100,13 @@ def backbone_from_bundle(path) -> tuple[str, ResolvedWeights, dict]:
     ``num_classes`` = the bundle's classes. ``load_backbone(name,
     resolved=rw)`` loads it strictly.
     """
-    from .bundle import BundleError, load_bundle
-    bundle = load_bundle(path)
-    if bundle.kind != "finetune":
-        b = bundle.backbone
-        raise BundleError(f"{bundle.path}: a {bundle.kind!r} bundle keeps its backbone frozen "
+    from .bundle import BundleError, load_bundle, read_manifest
+    manifest = read_manifest(path)      # the kind first: another kind's payload is not even loaded
+    if manifest.get("kind") != "finetune":
+        b = manifest.get("backbone") or {}
+        raise BundleError(f"{Path(path).expanduser()}: a {manifest.get('kind')!r} bundle keeps its backbone frozen "
                           f"({b.get('name')} {b.get('weights_identity')}); extract with --backbone/--weights instead")
+    bundle = load_bundle(path)          # backbone.pt is read with weights_only=True: tensors, no code
     from .backbones import sha256_of
     pt = bundle.path / "backbone.pt"
     sha = sha256_of(pt)      # load_bundle has checked it against the manifest

@@ -49,7 +49,7 @@ def test_round_trip_predicts_identical_probabilities_from_cached_features(traine
 def test_manifest_says_what_the_model_is_made_of(trained):
     m = json.loads((trained.path / "manifest.json").read_text())
     spec = trained.result.spec
-    assert (m["featx_bundle"], m["kind"]) == (1, "linear")
+    assert (m["featx_bundle"], m["kind"]) == (2, "linear")
     assert m["backbone"] == {
         "name": "resnet18", "weights_spec": "none", "weights_kind": "none", "weights_name": "none",
         "weights_identity": "none:seed=0", "weights_sha256": None, "weights_path": None, "seed": 0,
@@ -64,8 +64,11 @@ def test_manifest_says_what_the_model_is_made_of(trained):
     assert (t["dataset"], t["dataset_id"], t["counts"]["val"]) == ("data", trained.ds.id, {"blue": 2, "green": 2, "red": 2})
     assert t["test_accuracy"] == trained.result.test["accuracy"]
     assert {"featx", "scikit-learn", "torch", "numpy"} <= set(m["versions"]) and m["created"]
-    payload = (trained.path / "model.joblib").read_bytes()
-    assert m["files"]["model.joblib"] == {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+    assert sorted(m["files"]) == ["model.json", "model.safetensors"]      # no pickle
+    for name in m["files"]:
+        payload = (trained.path / name).read_bytes()
+        assert m["files"][name] == {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+    assert not (trained.path / "model.joblib").exists()
 
 
 def _constant_kind(name="constant", fail=False):
@@ -126,11 +129,18 @@ def test_load_errors_are_one_line(trained, tmp_path):
     (copy / "manifest.json").write_text('{"kind": "linear"}')
     assert message(copy) == f"{copy}: not a featx model bundle (manifest.json has no 'featx_bundle' version)"
     (copy / "manifest.json").write_text('{"featx_bundle": "one", "kind": "linear"}')
-    assert message(copy) == f"{copy}: bundle format 'one' is unknown to featx 0.1.0, which reads format 1"
+    assert message(copy) == f"{copy}: bundle format 'one' is unknown to featx 0.1.0, which reads formats 1 and 2"
     (copy / "manifest.json").write_text('{"featx_bundle": 1, "kind": "linear"}')
     assert message(copy) == f"{copy}: incomplete bundle, model.joblib is missing"
     (copy / "model.joblib").write_bytes(b"not a pickle")
-    assert message(copy).startswith(f"{copy / 'model.joblib'}: cannot be loaded (")
+    with pytest.raises(BundleError) as e:
+        load_bundle(copy, trust=True, notify=lambda m: None)
+    assert str(e.value).startswith(f"{copy / 'model.joblib'}: cannot be loaded (")
+    (copy / "manifest.json").write_text('{"featx_bundle": 2, "kind": "linear"}')
+    assert message(copy) == f"{copy}: incomplete bundle, model.json is missing"
+    (copy / "model.json").write_text("{}")
+    (copy / "model.safetensors").write_bytes(b"not safetensors")
+    assert message(copy).startswith(f"{copy}: model.json/model.safetensors cannot be loaded (")
 
 
 def _file_bundle(tmp_path, weights_file):

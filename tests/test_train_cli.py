@@ -269,14 +269,14 @@ def test_errors_are_one_clear_line(trained, work, run, tmp_path):
     (copy / "manifest.json").write_text(json.dumps({**manifest, "kind": "hologram"}))
     assert error("predict", copy, "x.jpg") == (
         f"Error: {copy}: unknown bundle kind 'hologram'; this featx reads: linear, finetune")
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "featx_bundle": 2}))
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "featx_bundle": 3}))
     assert error("predict", copy, "x.jpg") == (
-        f"Error: {copy}: bundle format 2 is unknown to featx 0.1.0, which reads format 1; upgrade featx")
+        f"Error: {copy}: bundle format 3 is unknown to featx 0.1.0, which reads formats 1 and 2; upgrade featx")
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with open(copy / "model.joblib", "ab") as f:
+    with open(copy / "model.safetensors", "ab") as f:
         f.write(b"x")
     assert error("predict", copy, "x.jpg") == (
-        f"Error: {copy / 'model.joblib'}: does not match the sha256 in manifest.json (changed or damaged); "
+        f"Error: {copy / 'model.safetensors'}: does not match the sha256 in manifest.json (changed or damaged); "
         "restore the bundle or train again")
     # options
     assert error("train", work["data"], *FAST, "--C", "abc", "-o", tmp_path / "m.featx") == "Error: --C abc: not a number"

@@ -358,6 +358,9 @@ def classifier_options(f):
 def bundle_run_options(f):
     """Options of commands that run a bundle's backbone."""
     f = _options_from(extraction_options, without=("backbone", "weights", "pool", "precision", "storage"))(f)
+    f = click.option("--trust-bundle", "trust_bundle", is_flag=True,
+                     help="Load the bundle even if its model is a pickle (model.joblib: format 1 bundles), "
+                          "which can run any code: only for bundles from a source you trust.")(f)
     return click.option("--weights", "-w", default=None,
                         help="Where the bundle's weights file is now (its sha256 must match) "
                              "[default: as recorded in the bundle].")(f)
@@ -569,8 +572,8 @@ def _defaults_from_bundle(ctx, bundle, val_fraction, test_fraction, seed):
 @cache_option
 @dataset_options
 @click.pass_context
-def evaluate_cmd(ctx, model, dataset, split, top_k, out, weights, quiet, cache_dir, layout, label_regex, val_fraction,
-                 test_fraction, seed, **extraction):
+def evaluate_cmd(ctx, model, dataset, split, top_k, out, weights, trust_bundle, quiet, cache_dir, layout, label_regex,
+                 val_fraction, test_fraction, seed, **extraction):
     """Evaluate the bundle MODEL on a split of DATASET and write a report.
 
     Prints accuracy, top-k accuracy and per-class precision, recall, F1 and
@@ -583,7 +586,7 @@ def evaluate_cmd(ctx, model, dataset, split, top_k, out, weights, quiet, cache_d
     from .bundle import load_bundle
     from .data import _slug
     from .evaluate import evaluate_bundle, format_metrics, write_evaluation
-    bundle = load_bundle(model)
+    bundle = load_bundle(model, trust=trust_bundle, notify=echo_err)
     for w in bundle.warnings:
         echo_err(f"warning: {w}")
     val_fraction, test_fraction, seed = _defaults_from_bundle(ctx, bundle, val_fraction, test_fraction, seed)
@@ -615,7 +618,7 @@ def evaluate_cmd(ctx, model, dataset, split, top_k, out, weights, quiet, cache_d
 @bundle_run_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @cache_option
-def predict_cmd(model, images, threshold, top_k, fmt, weights, quiet, cache_dir, **extraction):
+def predict_cmd(model, images, threshold, top_k, fmt, weights, trust_bundle, quiet, cache_dir, **extraction):
     """Label IMAGES (files or folders) with the bundle MODEL.
 
     One row per image: label and probability. Unreadable images get an
@@ -629,7 +632,7 @@ def predict_cmd(model, images, threshold, top_k, fmt, weights, quiet, cache_dir,
 
     from .bundle import load_bundle
     from .evaluate import format_predictions, predict_images
-    bundle = load_bundle(model)
+    bundle = load_bundle(model, trust=trust_bundle, notify=echo_err)
     for w in bundle.warnings:
         echo_err(f"warning: {w}")
     with contextlib.redirect_stdout(sys.stderr):   # keep stdout for the rows (csv/json stay parseable)

@@ -168,8 +168,19 @@ class Bundle:
 
     @property
     def feature_spec(self):
+        """The FeatureSpec of the (first) part the classifier reads."""
         from .cache import FeatureSpec
         return FeatureSpec.from_json(self.manifest["features"]["spec"])
+
+    @property
+    def feature_parts(self) -> list[tuple[dict, Any]]:
+        """``(backbone record, FeatureSpec)`` of every part, in column order:
+        one for a plain layer, several for a fusion (``A+B``)."""
+        from .cache import FeatureSpec
+        parts = self.manifest.get("parts")
+        if not parts:
+            return [(self.backbone, self.feature_spec)]
+        return [(p["backbone"], FeatureSpec.from_json(p["features"]["spec"])) for p in parts]
 
     @property
     def name(self) -> str:
@@ -376,17 +387,19 @@ def _weights_request(backbone: dict) -> str:
     return backbone["weights_name"]
 
 
-def check_weights(bundle: Bundle, weights: str | None = None):
+def check_weights(bundle: Bundle, weights: str | None = None, backbone: dict | None = None):
     """The weights to run the bundle's backbone with, checked against the bundle.
 
     ``weights``: where to find them now (a ``--weights`` value, e.g. the
-    file at its new place); default: what the bundle recorded. Returns the
+    file at its new place); default: what the bundle recorded.
+    ``backbone``: the record of one part of a fused bundle (default: the
+    bundle's first backbone). Returns the
     :class:`~featx.backbones.ResolvedWeights`; raises
     :class:`~featx.errors.WeightsError` naming both identities and hashes
     when the weights here are not the ones the bundle was made with.
     """
     from .backbones import get_backbone, resolve_weights
-    b = bundle.backbone
+    b = backbone or bundle.backbone
     info = get_backbone(b["name"])
     want = _describe(b["weights_identity"], b.get("weights_sha256"))
     request = weights or _weights_request(b)
@@ -452,31 +465,42 @@ def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weigh
     from .classify import predict_proba
     from .extract import extract
 
-    rw = check_weights(bundle, weights)
-    spec = bundle.feature_spec
-    b = bundle.backbone
-    if extract_options.get("runtime") == "onnx" and spec.precision != "fp32":
-        raise ConfigError(f"--runtime onnx computes in fp32, and {bundle.path.name} was trained on "
-                          f"{spec.precision} features: use --runtime torch (or auto)")
+    parts = bundle.feature_parts
+    # --weights says where the first backbone's weights are now; the other parts' as recorded
+    resolved = [check_weights(bundle, weights if i == 0 else None, backbone=b) for i, (b, _) in enumerate(parts)]
+    for _, spec in parts:
+        if extract_options.get("runtime") == "onnx" and spec.precision != "fp32":
+            raise ConfigError(f"--runtime onnx computes in fp32, and {bundle.path.name} was trained on "
+                              f"{spec.precision} features: use --runtime torch (or auto)")
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     proba = np.full((len(samples), len(bundle.classes)), np.nan)
     if not samples:
         return Predictions(proba, [])
-    report = extract(samples, b["name"], weights=str(rw.path) if rw.kind == "file" else _weights_request(b),
-                     layers=[spec.layer], pool=spec.pool, precision=spec.precision, storage=spec.storage,
-                     cache=cache, progress=progress, seed=int(b.get("seed", 0)), notify=notify,
-                     feature_format=spec.format, **extract_options)
-    if report.specs[0].canonical() != spec.canonical():
-        raise BundleError(f"{bundle.path}: its features were {spec.canonical()}, this featx computes "
-                          f"{report.specs[0].canonical()}; train the model again")
-    reasons = dict(report.skipped)
-    have = set(cache.ids(spec.key))
+    reasons: dict[str, str] = {}
+    extracted = cached = 0
+    seconds = 0.0
+    have: set[str] | None = None
+    for (b, spec), rw in zip(parts, resolved):       # every part a fusion needs, extracted where missing
+        report = extract(samples, b["name"], weights=str(rw.path) if rw.kind == "file" else _weights_request(b),
+                         layers=[spec.layer], pool=spec.pool, precision=spec.precision, storage=spec.storage,
+                         cache=cache, progress=progress, seed=int(b.get("seed", 0)), notify=notify,
+                         feature_format=spec.format, **extract_options)
+        if report.specs[0].canonical() != spec.canonical():
+            raise BundleError(f"{bundle.path}: its features were {spec.canonical()}, this featx computes "
+                              f"{report.specs[0].canonical()}; train the model again")
+        reasons.update(dict(report.skipped))
+        extracted, cached = max(extracted, report.n_extracted), max(cached, report.n_cached)
+        seconds += report.seconds
+        ids = set(cache.ids(spec.key))
+        have = ids if have is None else have & ids
     errors = [None if s.id in have else reasons.get(str(s.path), "could not be read") for s in samples]
     good = [i for i, e in enumerate(errors) if e is None]
     if good:
-        X = cache.read(spec.key, [samples[i].id for i in good])
+        ids = [samples[i].id for i in good]
+        blocks = [cache.read(spec.key, ids) for _, spec in parts]
+        X = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
         proba[good] = predict_proba(bundle.payload, X, classes=len(bundle.classes))
-    return Predictions(proba, errors, report.n_extracted, report.n_cached, report.seconds)
+    return Predictions(proba, errors, extracted, cached, seconds)
 
 
 @dataclass(frozen=True)
@@ -567,39 +591,50 @@ def dataset_record(dataset) -> dict:
             "counts": {s: dataset.counts(s) for s in dataset.splits}}
 
 
+def _backbone_record(spec, weights_spec, resolved, seed) -> dict:
+    return {
+        "name": spec.backbone,
+        "weights_spec": str(weights_spec),
+        "weights_kind": resolved.kind,
+        "weights_name": resolved.name,
+        "weights_identity": resolved.identity,
+        "weights_sha256": weights_sha256(resolved),
+        "weights_path": str(resolved.path) if resolved.kind == "file" and resolved.path else None,
+        "seed": int(seed),
+        "layer": spec.layer,
+        "pool": spec.pool,
+        "precision": spec.precision,
+        "storage": spec.storage,
+        "preprocess": spec.preprocess,
+    }
+
+
 def linear_manifest(*, classes: Sequence[str], spec, weights_spec: str, resolved, seed: int, dims: int,
-                    fit, pca, dataset=None, test_metrics: dict | None = None) -> dict:
+                    fit, pca, dataset=None, test_metrics: dict | None = None, parts=None) -> dict:
     """The manifest of a "linear" bundle (see :func:`save_bundle` for what is added).
 
-    ``spec``: the FeatureSpec the classifier was trained on; ``resolved``:
-    its ResolvedWeights; ``fit``: the :class:`~featx.classify.FitResult`;
-    ``dataset``: the training :class:`~featx.data.Dataset`.
+    ``spec``: the FeatureSpec (or :class:`featx.train.FeatureSet`) the
+    classifier was trained on; ``resolved``: its ResolvedWeights; ``fit``:
+    the :class:`~featx.classify.FitResult`; ``dataset``: the training
+    :class:`~featx.data.Dataset`. A fusion lists every part in ``parts``,
+    ``(FeatureSpec, ResolvedWeights, weights value)`` each, and the
+    manifest records them all under ``"parts"`` (columns in that order);
+    ``"backbone"`` and ``"features"`` then describe the first part.
     """
     from .classify import get_classifier_spec
+    fused = parts is not None and len(parts) > 1
+    if hasattr(spec, "parts"):                      # a FeatureSet
+        spec = spec.parts[0]
     training = None
     if dataset is not None:
         training = dataset_record(dataset)
         if test_metrics is not None:
             training["test_accuracy"] = test_metrics["accuracy"]
             training["test_macro_f1"] = test_metrics["macro"]["f1"]
-    return {
+    manifest = {
         "kind": "linear",
         "classes": [str(c) for c in classes],
-        "backbone": {
-            "name": spec.backbone,
-            "weights_spec": str(weights_spec),
-            "weights_kind": resolved.kind,
-            "weights_name": resolved.name,
-            "weights_identity": resolved.identity,
-            "weights_sha256": weights_sha256(resolved),
-            "weights_path": str(resolved.path) if resolved.kind == "file" and resolved.path else None,
-            "seed": int(seed),
-            "layer": spec.layer,
-            "pool": spec.pool,
-            "precision": spec.precision,
-            "storage": spec.storage,
-            "preprocess": spec.preprocess,
-        },
+        "backbone": _backbone_record(spec, weights_spec, resolved, seed),
         "features": {"spec": spec.canonical(), "key": spec.key, "dims": int(dims)},
         "classifier": {
             "name": fit.name,
@@ -611,6 +646,14 @@ def linear_manifest(*, classes: Sequence[str], spec, weights_spec: str, resolved
             "pca": pca,
             "probability": get_classifier_spec(fit.name).probability,
             "notes": list(fit.notes),
+            "fit_on": list(getattr(fit, "fit_on", ("train",))),
         },
         "training": training,
     }
+    if fused:
+        manifest["parts"] = [{"backbone": _backbone_record(p, w, rw, seed),
+                              "features": {"spec": p.canonical(), "key": p.key}} for p, rw, w in parts]
+        cross = len({q.backbone for q, _, _ in parts}) > 1
+        manifest["features"]["fused"] = "+".join(f"{p.backbone}:{p.layer}" if cross else p.layer
+                                                 for p, _, _ in parts)
+    return manifest

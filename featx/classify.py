@@ -54,6 +54,7 @@ __all__ = [
     "make_pipeline_for",
     "predict_proba",
     "rank_rows",
+    "selection_note",
     "threshold_predictions",
     "write_table",
 ]
@@ -110,10 +111,17 @@ class ClassifierSpec:
 
 
 def _linear_grid() -> tuple:
-    # On standardised CNN features (hundreds to thousands of dims) the useful
-    # C is small: on clothing-small the winners were 1e-3..1e-1, while C=10
-    # and 100 barely regularise and LinearSVC did not converge there.
-    return tuple(float(c) for c in np.logspace(-5, 0, 6))
+    # The linear-probe protocol's range, quarter-decades 1e-6..1e5; searched
+    # adaptively (decades, then around the best) by featx.probe.
+    from .probe import wide_grid
+    return wide_grid()
+
+
+# Classifiers whose C search runs batched in torch (featx.probe) rather than
+# as one scikit-learn fit per value and fold.
+PROBE_SEARCHED = ("logreg", "linear-svm")
+# Order of "simpler model" when ranking rows whose scores tie.
+SIMPLICITY = ("logreg", "linear-svm", "sgd", "knn", "rbf-svm", "finetune")
 
 
 CLASSIFIERS: dict[str, ClassifierSpec] = {
@@ -282,6 +290,15 @@ class FitResult:
     notes : list of str
         Everything the user should know about what was done (fallbacks,
         convergence, clamped settings).
+    val_loss : float or None
+        Held-out loss of the chosen value in the search (log-loss for
+        ``logreg``, squared hinge for ``linear-svm``), used to break ties.
+    fit_on : tuple of str
+        The splits the final model was fitted on (``("train",)`` or
+        ``("train", "val")``).
+    path : featx.probe.PathResult or None
+        The batched search's full record (standard errors, losses), for
+        ``logreg`` and ``linear-svm``.
     """
 
     pipeline: Pipeline
@@ -295,11 +312,19 @@ class FitResult:
     fit_seconds: float
     search_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    val_loss: float | None = None
+    fit_on: tuple = ("train",)
+    path: Any = None          # featx.probe.PathResult of a batched search: errors and losses too
 
     @property
     def score(self) -> float | None:
         """The selection score: validation accuracy, else CV accuracy."""
         return self.val_score if self.val_score is not None else self.cv_score
+
+    @property
+    def total_seconds(self) -> float:
+        """The whole cost of the row: search, calibration and final fit."""
+        return float(self.search_seconds) + float(self.fit_seconds)
 
 
 def _as_xy(X, y, what):
@@ -355,6 +380,41 @@ def _score_setting(name, params, pca, seed, X, y, train_idx, X_eval, y_eval):
     return score, bool(messages)
 
 
+REFITS = ("train", "train+val")
+
+
+def _test_rows(train_idx, n):
+    mask = np.ones(n, dtype=bool)
+    mask[train_idx] = False
+    return np.flatnonzero(mask)
+
+
+def _as_index_labels(y, labels):
+    """Labels as indices into the sorted training labels (-1: not among them)."""
+    index = {_plain(c): i for i, c in enumerate(labels)}
+    return np.array([index.get(_plain(v), -1) for v in np.asarray(y)], dtype=np.int64)
+
+
+def _search_threads(n_jobs) -> int:
+    """torch threads of a batched search: what ``n_jobs`` would give joblib (-1: every core)."""
+    from joblib import effective_n_jobs
+    return max(1, int(effective_n_jobs(n_jobs)))
+
+
+# Below this many multiply-adds in all search fits together, worker processes
+# cost more to start (seconds) than they save.
+PARALLEL_MIN_WORK = 2e9
+
+
+def _workers_for(n_jobs, n, d, tasks, name):
+    """joblib workers for a search: none for small problems (starting processes
+    costs seconds), else what was asked."""
+    if n_jobs in (None, 1) or tasks < 2:
+        return 1
+    work = float(n) * d * tasks * (n if name in ("knn", "rbf-svm") else 10)
+    return n_jobs if work >= PARALLEL_MIN_WORK else 1
+
+
 def _pick(spec, values, scores):
     """Best score; on a tie the more regularised value (see ``ClassifierSpec.simpler``)."""
     best = max(scores)
@@ -366,13 +426,20 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
                    grid: Sequence | None = None, pca: int | float | None = None,
                    cv: int = 5, n_jobs: int | None = None, seed: int = 0,
                    probability: bool = True,
-                   class_names: Sequence[str] | None = None) -> FitResult:
+                   class_names: Sequence[str] | None = None,
+                   refit: str = "train") -> FitResult:
     """Choose the regularisation parameter, then fit on all training rows.
 
     Selection is by accuracy: on ``(X_val, y_val)`` when given, else by
-    stratified, shuffled, seeded K-fold CV on the training rows. Each grid
-    value (and fold) is fitted in parallel with joblib. The final pipeline
-    is refitted on all of ``X_train`` (not on the validation rows).
+    stratified, shuffled, seeded K-fold CV on the training rows. For
+    ``logreg`` and ``linear-svm`` (without PCA) the search is
+    :func:`featx.probe.search_linear`: every fold of a wide C grid fitted
+    batched in torch, near-ties (within one standard error) going to the
+    lower held-out loss. Other classifiers fit each grid value and fold
+    with scikit-learn, in parallel with joblib when the problem is large
+    enough to pay for worker processes. The final pipeline is refitted
+    with scikit-learn on all of ``X_train`` (and the validation rows too
+    when ``refit="train+val"``).
 
     Small classes: CV uses ``min(cv, smallest class count)`` folds. When
     the smallest class has a single training row no CV is possible; the
@@ -403,6 +470,10 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
         Make the final SVM pipelines calibrated (``predict_proba``).
     class_names : sequence of str, optional
         Names of integer labels, used in notes only.
+    refit : {"train", "train+val"}, default="train"
+        What the final model is fitted on once the parameter is chosen.
+        ``"train+val"`` (the linear-probe protocol) adds the validation
+        rows; it changes nothing when there is no validation split.
 
     Returns
     -------
@@ -443,6 +514,8 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
         default = ordered[(len(ordered) - 1) // 2]
     if isinstance(cv, bool) or not isinstance(cv, (int, np.integer)) or cv < 2:
         raise ConfigError(f"cv={cv!r}: cross-validation needs an integer number of folds >= 2")
+    if refit not in REFITS:
+        raise ConfigError(f"refit={refit!r}: choose from {', '.join(REFITS)}")
     notes: list[str] = []
     n, d = X.shape
     pn = spec.param_name
@@ -497,10 +570,34 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
 
     t0 = time.perf_counter()
     search: list[tuple[Any, float]] = []
-    val_score = cv_score = None
-    if splits and len(values) >= 1:
+    val_score = cv_score = val_loss = None
+    probe = (name in PROBE_SEARCHED and pca is None and splits and len(values) > 1
+             and np.issubdtype(X.dtype, np.number))
+    if probe:
+        from .probe import search_linear
+        folds = None if score_source == "val" else [(tr, _test_rows(tr, n)) for tr, _, _ in splits]
+        path = search_linear(name, X, _as_index_labels(y, labels),
+                             splits=folds, X_val=splits[0][1] if folds is None else None,
+                             y_val=_as_index_labels(splits[0][2], labels) if folds is None else None,
+                             values=None if grid is None else values,
+                             threads=_search_threads(n_jobs))
+        chosen, best, val_loss = path.chosen, path.best, path.losses[path.values.index(path.chosen)]
+        search = [(_plain(v), s) for v, s in path.table()]
+        if score_source == "val":
+            val_score = best
+        else:
+            cv_score = best
+        if chosen in path.unconverged:
+            notes.append(f"the search's solver reached its iteration cap at {pn}={_fmt_value(chosen)}; "
+                         "its score may be pessimistic")
+        low, high = min(values), max(values)
+        if chosen <= low or chosen >= high:
+            side = "smallest" if chosen <= low else "largest"
+            notes.append(f"{pn}={_fmt_value(chosen)} is the {side} value of the grid: the best may lie "
+                         f"beyond it (give wider values with --C)")
+    elif splits and len(values) >= 1:
         tasks = [(vi, si) for vi in range(len(values)) for si in range(len(splits))]
-        results = Parallel(n_jobs=n_jobs)(
+        results = Parallel(n_jobs=_workers_for(n_jobs, n, d, len(tasks), name))(
             delayed(_score_setting)(name, {pn: values[vi]}, pca, seed, X, y,
                                     splits[si][0], splits[si][1], splits[si][2])
             for vi, si in tasks)
@@ -536,15 +633,21 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
             notes.append(f"{name} probabilities calibrated on the training rows themselves "
                          f"(class {small_names[0]!r} has 1 train image, no held-out fold "
                          "possible): they are over-confident")
+    fit_on = ("train",)
+    X_fit, y_fit = X, y
+    if refit == "train+val" and score_source == "val":
+        X_fit, y_fit = np.concatenate([X, splits[0][1]]), np.concatenate([y, splits[0][2]])
+        fit_on = ("train", "val")
     t1 = time.perf_counter()
-    messages = _fit_quietly(pipe, X, y)
+    messages = _fit_quietly(pipe, X_fit, y_fit)
     fit_seconds = time.perf_counter() - t1
     if messages:
         notes.append(f"final fit ({pn}={_fmt_value(chosen)}) did not converge: {messages[0]}")
     return FitResult(pipeline=pipe, name=name, param_name=pn, chosen=_plain(chosen),
                      search=search, score_source=score_source, val_score=val_score,
                      cv_score=cv_score, fit_seconds=fit_seconds,
-                     search_seconds=search_seconds, notes=notes)
+                     search_seconds=search_seconds, notes=notes, val_loss=val_loss, fit_on=fit_on,
+                     path=path if probe else None)
 
 
 # --------------------------------------------------------------------------
@@ -823,9 +926,12 @@ def threshold_predictions(proba, classes: Sequence[str], threshold: float | None
 class ComparisonRow:
     """One (backbone, layer, classifier) result in a comparison.
 
-    ``val_or_cv_score`` is the selection score (see ``score_source``);
-    ``test_accuracy`` and ``macro_f1`` are on the test split (None when there
-    is none). Times in seconds.
+    ``val_or_cv_score`` is the selection score (see ``score_source``) and
+    the only thing :func:`rank_rows` ranks by; ``test_accuracy`` and
+    ``macro_f1`` are on the test split (None when there is none) and are
+    shown, never used to choose. ``fit_seconds`` is the whole cost of the
+    row (search, calibration and final fit); ``search_seconds`` the search
+    alone. ``val_loss``: held-out loss of the chosen parameter (ties).
     """
 
     backbone: str
@@ -841,6 +947,8 @@ class ComparisonRow:
     fit_seconds: float | None = None
     extract_seconds: float | None = None
     notes: list[str] = field(default_factory=list)
+    val_loss: float | None = None
+    search_seconds: float | None = None
 
     @classmethod
     def from_fit(cls, result: FitResult, *, backbone: str, layer: str, dims: int,
@@ -852,32 +960,55 @@ class ComparisonRow:
                    val_or_cv_score=result.score, score_source=result.score_source,
                    test_accuracy=None if test_metrics is None else test_metrics["accuracy"],
                    macro_f1=None if test_metrics is None else test_metrics["macro"]["f1"],
-                   fit_seconds=result.fit_seconds, extract_seconds=extract_seconds,
-                   notes=list(result.notes))
+                   fit_seconds=result.total_seconds, extract_seconds=extract_seconds,
+                   notes=list(result.notes), val_loss=result.val_loss,
+                   search_seconds=result.search_seconds)
+
+
+def _known(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 def _rank_key(row: ComparisonRow):
-    neg = lambda v: -v if v is not None and not math.isnan(v) else math.inf  # noqa: E731
-    if row.test_accuracy is not None:
-        group, primary = 0, neg(row.test_accuracy)
-    elif row.val_or_cv_score is not None:
-        group, primary = 1, neg(row.val_or_cv_score)
-    else:
-        group, primary = 2, 0.0
-    fit = row.fit_seconds if row.fit_seconds is not None else math.inf
-    return group, primary, neg(row.macro_f1), fit
+    score = row.val_or_cv_score
+    group, primary = (0, -score) if _known(score) else (1, 0.0)
+    loss = row.val_loss if _known(row.val_loss) else math.inf
+    simpler = SIMPLICITY.index(row.classifier) if row.classifier in SIMPLICITY else len(SIMPLICITY)
+    fit = row.fit_seconds if _known(row.fit_seconds) else math.inf
+    return group, primary, loss, row.dims or 0, simpler, fit
 
 
 def rank_rows(rows: Iterable[ComparisonRow]) -> list[ComparisonRow]:
-    """Rows best first.
+    """Rows best first, by the val/CV score alone: the test split never chooses.
 
-    Rows with a test accuracy come first, by test accuracy; rows without one
-    follow, by their val/CV score (a test number and a selection number are
-    never compared with each other); rows with neither come last. Ties go
-    to the higher macro-F1, then the shorter fit time; otherwise the input
-    order is kept.
+    Ties go to the lower held-out loss, then the simpler model (fewer
+    dimensions, then logreg < linear-svm < sgd < knn < rbf-svm), then the
+    shorter fit; rows with no score come last; otherwise the input order is
+    kept. ``compare``, ``run`` and the reports all rank with this.
+
+    Examples
+    --------
+    >>> rows = [ComparisonRow("r", "a", 512, "logreg", "C", 0.1, 0.80, "val", test_accuracy=0.95),
+    ...         ComparisonRow("r", "b", 512, "logreg", "C", 0.1, 0.90, "val", test_accuracy=0.85)]
+    >>> [r.layer for r in rank_rows(rows)]
+    ['b', 'a']
     """
     return sorted(rows, key=_rank_key)
+
+
+def selection_note(rows: Iterable[ComparisonRow]) -> str:
+    """How the winner was chosen, in words, for a table's footnote."""
+    sources = {r.score_source for r in rows if _known(r.val_or_cv_score)}
+    if sources == {"val"}:
+        how = "by val accuracy"
+    elif len(sources) == 1 and next(iter(sources)).startswith("cv"):
+        how = f"by {next(iter(sources))[2:]}-fold CV accuracy on train"
+    elif sources:
+        how = "by each row's val or CV accuracy"
+    else:
+        return "no row has a val/CV score: nothing was chosen"
+    return (f"* winner chosen {how} (ties: lower held-out loss, then the simpler model); "
+            "test accuracy is shown, never used to choose")
 
 
 _COLUMNS = ("backbone", "layer", "dims", "classifier", "param", "val/cv", "test acc",
@@ -908,6 +1039,8 @@ def format_table(rows: Iterable[ComparisonRow]) -> str:
     ...         ComparisonRow("resnet18", "avgpool", 512, "knn", "n_neighbors", 5, 0.8, "cv5", 0.85)]
     >>> print(format_table(rows).splitlines()[2][:37])
     *  1  resnet18  avgpool   512  logreg
+    >>> print(format_table(rows).splitlines()[-1][:43])
+    * winner chosen by 5-fold CV accuracy on train
     """
     ranked = rank_rows(rows)
     header = [" ", "#", *_COLUMNS]
@@ -920,12 +1053,13 @@ def format_table(rows: Iterable[ComparisonRow]) -> str:
                          for j, (c, w) in enumerate(zip(cells, widths))).rstrip()
     lines = [fmt(header), fmt(["-" * w for w in widths])]
     lines += [fmt(cells) for cells in body]
+    lines.append(selection_note(ranked))
     return "\n".join(lines)
 
 
 CSV_FIELDS = ("rank", "winner", "backbone", "layer", "dims", "classifier", "param_name",
-              "chosen", "val_or_cv_score", "score_source", "test_accuracy", "macro_f1",
-              "fit_seconds", "extract_seconds", "notes")
+              "chosen", "val_or_cv_score", "score_source", "val_loss", "test_accuracy", "macro_f1",
+              "fit_seconds", "search_seconds", "extract_seconds", "notes")
 
 
 def _md_cell(text: str) -> str:
@@ -964,7 +1098,7 @@ def write_table(rows: Iterable[ComparisonRow], csv_path=None, md_path=None) -> l
             cells = ["*" if i == 0 else "", str(i + 1), *_display_cells(r)]
             lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
         lines.append("")
-        lines.append("`*` best: ranked by test accuracy where there is one, else by the "
-                     "val/CV score; ties by macro-F1, then fit time.")
+        lines.append(selection_note(ranked).replace("* winner", "`*` winner", 1) + "; "
+                     "`fit s` is the whole cost of a row: search, calibration and final fit.")
         atomic_write_text(md_path, "\n".join(lines) + "\n")
     return ranked

@@ -58,13 +58,14 @@ def cache_option(f):
 def dataset_options(f):
     opts = [
         click.option("--layout", default="auto", show_default=True,
-                     type=click.Choice(["auto", "csv", "split-folders", "folders", "filenames"]),
-                     help="How labels are given; auto detects."),
+                     type=click.Choice(["auto", "csv", "split-folders", "folders", "filenames", "none"]),
+                     help="How labels are given; auto detects; none: images without labels (extract only)."),
         click.option("--label-regex", default=None, help="For file-name labels: regex with a 'label' group."),
         click.option("--val-fraction", default=0.15, show_default=True, type=float,
-                     help="Share of each class for val when the dataset has no split."),
+                     help="Share of each class for val when the dataset has no split (0: none)."),
         click.option("--test-fraction", default=0.15, show_default=True, type=float,
-                     help="Share of each class for test when the dataset has no split."),
+                     help="Share of each class for test when the dataset has no test split (0: none; "
+                          "then val is the held-out split)."),
         click.option("--seed", default=0, show_default=True, type=int, help="Seed for splits and random init."),
     ]
     for opt in reversed(opts):
@@ -72,15 +73,27 @@ def dataset_options(f):
     return f
 
 
-def open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed, quiet=False):
+def open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed, quiet=False,
+                      labels=True):
+    """``labels=False`` (extract): no classes needed; a single image or a list of them is fine."""
     from .cache import FeatureCache
     from .data import open_dataset
+    FeatureCache(cache_dir).ensure_root()   # one line, not a PermissionError, when it cannot be made
     ds = open_dataset(dataset, layout, label_regex=label_regex, val_fraction=val_fraction,
-                      test_fraction=test_fraction, seed=seed, hash_index=FeatureCache(cache_dir).hash_index)
+                      test_fraction=test_fraction, seed=seed, hash_index=FeatureCache(cache_dir).hash_index,
+                      labels=labels)
     if not quiet:
-        split_counts = ", ".join(f"{s} {len(ds.subset(s))}" for s in ds.splits)
-        made = " (split made: stratified, seed %d)" % seed if ds.split_made else ""
-        click.echo(f"dataset {ds.name}: {len(ds)} images, {len(ds.classes)} classes, {ds.layout} layout; {split_counts}{made}", err=True)
+        if not ds.labelled:
+            click.echo(f"dataset {ds.name}: {len(ds)} image{'s' if len(ds) != 1 else ''}, no labels (none layout)",
+                       err=True)
+        else:
+            split_counts = ", ".join(f"{s} {len(ds.subset(s))}" for s in ds.splits)
+            carved = ds.split_made and "val" in ds.splits and not ds.split_made.get("val_fraction")
+            made = ((" (test carved from train: stratified, seed %d)" if carved else " (split made: stratified, seed %d)")
+                    % seed if ds.split_made else "")
+            held = f"; held out: {ds.held_out}" if ds.held_out else ""
+            click.echo(f"dataset {ds.name}: {len(ds)} images, {len(ds.classes)} classes, {ds.layout} layout; "
+                       f"{split_counts}{made}{held}", err=True)
         for path, reason in ds.skipped:
             click.echo(f"skipped {path}: {reason}", err=True)
     return ds
@@ -182,7 +195,7 @@ def layers_cmd(backbone, all_nodes):
 
 
 @cli.command("extract")
-@click.argument("dataset", type=click.Path())
+@click.argument("dataset", nargs=-1, required=True, type=click.Path())
 @extraction_options
 @click.option("--layer", "-l", "layers", multiple=True, help="Graph node to extract (repeat for several; default: the penultimate layer).")
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
@@ -199,8 +212,10 @@ def extract_cmd(ctx, dataset, backbone, weights, pool, precision, storage, batch
     """Run a frozen backbone over DATASET and cache the features.
 
     DATASET is a folder (CLASS/ folders, train/val/test/ folders, or
-    label.N.jpg files) or a CSV manifest (path,label[,split]). Only images
-    not yet cached are processed; a killed run resumes where it stopped.
+    label.N.jpg files) or a CSV manifest (path,label[,split]); labels are
+    not needed, so it may also be a folder of unlabelled images, one image
+    or several images and folders (layout none). Only images not yet cached
+    are processed; a killed run resumes where it stopped.
     """
     from click.core import ParameterSource
 
@@ -215,7 +230,8 @@ def extract_cmd(ctx, dataset, backbone, weights, pool, precision, storage, batch
         backbone, extra["resolved"], _ = backbone_from_bundle(backbone_from)
     else:
         backbone = check_names([backbone], [(backbone, layer) for layer in layers])[0]
-    ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
+    ds = open_dataset_from(dataset[0] if len(dataset) == 1 else list(dataset), cache_dir, layout, label_regex,
+                           val_fraction, test_fraction, seed, labels=False)
     if strict and ds.skipped:   # listed but missing, say: as bad as an unreadable image
         path, reason = ds.skipped[0]
         raise ImageError(path, reason + " (--strict stops at the first bad image)")
@@ -228,7 +244,8 @@ def extract_cmd(ctx, dataset, backbone, weights, pool, precision, storage, batch
     if report.skipped and not report.n_extracted and not report.n_cached:
         path, reason = report.skipped[0]
         n = report.n_images
-        raise DatasetError(f"{dataset}: none of its {n} image{'s' if n != 1 else ''} could be read "
+        raise DatasetError(f"{dataset[0] if len(dataset) == 1 else ds.root}: none of its {n} "
+                           f"image{'s' if n != 1 else ''} could be read "
                            f"(first: {path}: {reason})")
 
 
@@ -309,6 +326,32 @@ def cache_info(key, cache_dir):
         click.echo(f"{'dataset'.ljust(width)}  {m['name']} ({m['n']} images, {len(m['classes'])} classes) from {m['root']} [{m['id']}]")
 
 
+@cache_group.command("verify")
+@click.argument("key", required=False)
+@cache_option
+def cache_verify(key, cache_dir):
+    """Read every row of every entry (or of KEY) through its checksums.
+
+    Prints OK, DAMAGED (which rows and chunks) or "no checksums" (written
+    by an older featx) per entry; exits 1 when any entry is damaged."""
+    from .cache import FeatureCache
+    from .errors import CacheError
+    cache = FeatureCache(cache_dir)
+    keys = [cache.resolve_key(key)] if key else cache.keys()
+    if not keys:
+        click.echo(f"no cache entries in {cache.root}")
+        return
+    bad = []
+    for k in keys:
+        result = cache.verify(k)
+        click.echo(result.describe())
+        if not result.ok or result.bad_parts:
+            bad.append(k)
+    if bad:
+        raise CacheError(f"{len(bad)} of {len(keys)} entries in {cache.root} are damaged ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); see above")
+
+
 @cache_group.command("rm")
 @click.argument("keys", nargs=-1, required=True)
 @cache_option
@@ -349,6 +392,9 @@ def classifier_options(f):
                      help="Parallel fits during the search (-1: all cores)."),
         click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
                      help="BLAS/OpenMP threads per fit; more may speed up one big fit on an idle machine."),
+        click.option("--final-fit", "final_fit", default="train+val", show_default=True,
+                     type=click.Choice(["train", "train+val"]),
+                     help="Rows the final model is fitted on once C is chosen on val (with no val split: train)."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -429,7 +475,9 @@ def _echo_extraction(backbone, report, n_layers):
 @cli.command("train")
 @click.argument("dataset", type=click.Path())
 @extraction_options
-@click.option("--layer", "-l", default=None, help="Graph node to train on [default: the backbone's penultimate layer].")
+@click.option("--layer", "-l", default=None,
+              help="Graph node to train on, or a fusion A+B (each part LAYER or BACKBONE:LAYER) "
+                   "[default: the backbone's penultimate layer].")
 @click.option("--classifier", "-c", default="logreg", show_default=True,
               help="logreg, linear-svm, sgd, knn or rbf-svm.")
 @classifier_options
@@ -439,7 +487,8 @@ def _echo_extraction(backbone, report, n_layers):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @cache_option
 @dataset_options
-def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, chunk_rows, out, quiet, cache_dir, layout,
+def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, final_fit, chunk_rows, out, quiet, cache_dir,
+              layout,
               label_regex, val_fraction, test_fraction, seed, **extraction):
     """Train a classifier on DATASET's cached features and write a model bundle.
 
@@ -458,7 +507,8 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, chunk_ro
     backbone = extraction.pop("backbone")
     result = train(ds, backbone, classifier, layer=layer, grid=values, pca=_pca_value(pca), cv=cv, jobs=jobs,
                    threads=threads, seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err,
-                   rows_per_chunk=chunk_rows, on_extract=lambda report: _echo_extraction(backbone, report, 1),
+                   rows_per_chunk=chunk_rows, refit=final_fit,
+                   on_extract=lambda report: _echo_extraction(report.specs[0].backbone, report, len(report.specs)),
                    **_extract_args(extraction))
     fit = result.fit
     counts = ", ".join(f"{s} {n}" for s, n in result.counts.items())
@@ -488,7 +538,8 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, chunk_ro
               help="Backbone to compare (repeat for several).")
 @_options_from(extraction_options, without=("backbone",))
 @click.option("--layer", "-l", "layers", multiple=True,
-              help="Layer for every backbone, or BACKBONE:LAYER for one (repeat) [default: penultimate].")
+              help="Layer for every backbone, or BACKBONE:LAYER for one, or a fusion A+B of such parts "
+                   "(repeat) [default: penultimate].")
 @click.option("--classifier", "-c", "classifiers", multiple=True, default=("logreg",), show_default=True,
               help="logreg, linear-svm, sgd, knn or rbf-svm (repeat for several).")
 @classifier_options
@@ -500,26 +551,28 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, chunk_ro
 @engine_options
 @cache_option
 @dataset_options
-def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, threads, out, refit, quiet, engine,
+def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, threads, final_fit, out, refit, quiet,
+                engine,
                 scheduler, shard_size, cache_dir, layout, label_regex, val_fraction, test_fraction, seed, **extraction):
     """Compare backbones x layers x classifiers on DATASET, best first.
 
     Each backbone runs once over the images for all its layers; cached
     features and the results of identical earlier fits are reused, so a
     repeated comparison extracts nothing and fits nothing.
-    Writes the table as CSV and Markdown, the winner marked *.
+    Writes the table as CSV and Markdown, the winner marked *: the best
+    val (or CV) score; the test split never chooses.
     """
     from .classify import _fmt_value, format_table, write_table
     from .data import _slug
-    from .train import compare, parse_grid, parse_layers
+    from .train import compare, parse_features, parse_grid
     check_runtime(extraction)
     backbones = check_names(backbones)
-    by_backbone = parse_layers(backbones, layers)
-    check_names([], [(b, layer) for b, ls in by_backbone.items() for layer in ls or []])
+    requests = parse_features(backbones, layers)
+    check_names([], [part for request in requests for part in request])
     classifiers = list(dict.fromkeys(classifiers))
     grids = {c: parse_grid(c, grid) for c in classifiers}
     ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
-    total = sum(len(ls or [None]) for ls in by_backbone.values()) * len(classifiers)
+    total = len(requests) * len(classifiers)
     done = []
 
     def on_row(row):
@@ -533,8 +586,9 @@ def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, th
     from .distributed import engine as engine_for
     with engine_for(engine, scheduler, shard_size=shard_size, notify=echo_err) as extract_fn:
         # with dask, extraction and every parameter search run on the cluster
-        result = compare(ds, by_backbone, classifiers, grids=grids, pca=_pca_value(pca), cv=cv, jobs=jobs,
+        result = compare(ds, requests, classifiers, grids=grids, pca=_pca_value(pca), cv=cv, jobs=jobs,
                          threads=threads, seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err,
+                         refit=final_fit,
                          reuse=not refit, on_extract=lambda b, report: _echo_extraction(b, report, len(report.specs)),
                          on_row=on_row, extract_fn=extract_fn, **_extract_args(extraction))
     if result.reused:
@@ -552,6 +606,12 @@ def _defaults_from_bundle(ctx, bundle, val_fraction, test_fraction, seed):
     made = ((bundle.manifest.get("training") or {}).get("split_made")) or {}
     from click.core import ParameterSource
 
+    from .data import SPLIT_VERSION
+    if made and made.get("version", 1) < SPLIT_VERSION:
+        echo_err(f"note: {bundle.name} was trained on a split of an earlier featx (version {made.get('version', 1)}, "
+                 "which also hashed file names); splits now follow image content only, so its test images "
+                 "may include some it trained on: train again for a clean evaluation")
+
     def pick(name, given):
         if ctx.get_parameter_source(name) == ParameterSource.DEFAULT and name in made:
             return type(given)(made[name])
@@ -562,7 +622,8 @@ def _defaults_from_bundle(ctx, bundle, val_fraction, test_fraction, seed):
 @cli.command("evaluate")
 @click.argument("model", type=click.Path())
 @click.argument("dataset", type=click.Path())
-@click.option("--split", default="test", show_default=True, help="train, val, test, or all (every image).")
+@click.option("--split", default=None, help="train, val, test, or all (every image)  [default: the held-out split: "
+                                            "test, else val]")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), help="Also report top-K accuracy.")
 @click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
               help="Folder for metrics.json, confusion_matrix.png, predictions.csv, report.html "
@@ -592,7 +653,7 @@ def evaluate_cmd(ctx, model, dataset, split, top_k, out, weights, trust_bundle, 
     val_fraction, test_fraction, seed = _defaults_from_bundle(ctx, bundle, val_fraction, test_fraction, seed)
     ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
     with contextlib.redirect_stdout(sys.stderr):   # extraction's messages are not results
-        ev = evaluate_bundle(bundle, ds, split, top_k=top_k, cache=cache_dir, weights=weights, progress=not quiet,
+        ev = evaluate_bundle(bundle, ds, split or ds.held_out or "test", top_k=top_k, cache=cache_dir, weights=weights, progress=not quiet,
                              notify=echo_err, **_extract_args(extraction))
     if bundle.kind != "linear":   # a linear bundle's extraction named them as it met them
         for path, reason in ev.skipped:

@@ -232,7 +232,7 @@ def test_layer_and_grid_options():
 def test_onnx_runtime_refuses_a_bundle_of_reduced_precision_features(trained, tmp_path):
     import dataclasses
     manifest = trained.result.manifest(trained.ds)
-    spec = dataclasses.replace(trained.result.spec, precision="bf16")   # as if trained with --precision bf16
+    spec = dataclasses.replace(trained.result.spec.parts[0], precision="bf16")   # as if trained with --precision bf16
     manifest["features"] = {**manifest["features"], "spec": spec.canonical(), "key": spec.key}
     bundle = load_bundle(save_bundle(tmp_path / "bf16.featx", manifest, trained.result.fit.pipeline))
     samples = trained.ds.subset("test")

@@ -49,18 +49,22 @@ def trained(work, run):
 
 
 def test_train_prints_choice_scores_and_writes_the_bundle(trained, work):
+    search = json.loads((work["model"] / "manifest.json").read_text())["classifier"]["search"]
+    chosen = json.loads((work["model"] / "manifest.json").read_text())["classifier"]["chosen"]
+    n_tried = len(search)
     assert trained.stdout.splitlines() == [
         "resnet18: extracted 33 images in " + trained.stdout.split("extracted 33 images in ")[1].split(" s")[0]
         + " s (1 layer, one pass); 0 were cached",
         "features: resnet18 flatten, 512 dims; train 18, val 6, test 9",
-        # every C separates the colours: the most regularised wins the tie
-        f"logreg: chose C={_fmt_value(min(LOGREG.grid))} from {len(LOGREG.grid)} values on val (accuracy 1.0000)",
+        # many C separate the colours: the tie goes to the lowest val log-loss, not the flattest model
+        f"logreg: chose C={_fmt_value(chosen)} from {n_tried} values on val (accuracy 1.0000)",
         "test accuracy 1.0000, macro-F1 1.0000 (9 images)",
         f"wrote {work['model']}",
     ]
     manifest = json.loads((work["model"] / "manifest.json").read_text())
     assert manifest["kind"] == "linear" and manifest["classes"] == ["blue", "green", "red"]
-    assert manifest["classifier"]["chosen"] == min(LOGREG.grid) and manifest["classifier"]["score_source"] == "val"
+    assert manifest["classifier"]["chosen"] > min(LOGREG.grid) and manifest["classifier"]["score_source"] == "val"
+    assert all(score == 1.0 for _, score in manifest["classifier"]["search"] if _ >= chosen)
     assert manifest["training"]["counts"]["train"] == {"blue": 6, "green": 6, "red": 6}
 
 
@@ -69,7 +73,8 @@ def test_train_again_reads_the_cache_and_replaces_the_bundle(trained, work, run)
             "-o", work["root"] / "svm.featx")
     assert r.exit_code == 0, r.output
     assert r.stdout.splitlines()[0] == "resnet18: nothing to extract, all 33 images cached (1 layer)"
-    assert r.stdout.splitlines()[2] == "linear-svm: chose C=0.01 from 2 values on val (accuracy 1.0000)"
+    # both C separate the colours: the tie goes to the lower val squared hinge
+    assert r.stdout.splitlines()[2] == "linear-svm: chose C=1.0 from 2 values on val (accuracy 1.0000)"
     r = run("train", work["data"], *FAST, "-c", "knn", "--C", "3", "--cache", work["cache"], "-o", work["root"] / "svm.featx")
     assert "knn: n_neighbors=3, accuracy on val 1.0000" in r.stdout
     assert json.loads((work["root"] / "svm.featx" / "manifest.json").read_text())["classifier"]["name"] == "knn"
@@ -88,7 +93,7 @@ def test_small_classes_fall_back_and_say_so(trained, work, run, tmp_path):
     r = run("train", data, *FAST, "--C", "0.1,1", "--cache", work["cache"], "-o", tmp_path / "m.featx")
     assert r.exit_code == 0, r.output
     assert r.stdout.splitlines()[2:4] == [
-        "logreg: chose C=0.1 from 2 values by 3-fold CV (accuracy 1.0000)",
+        "logreg: chose C=1.0 from 2 values by 3-fold CV (accuracy 1.0000)",   # the tie: lower CV log-loss
         "note: class 'red' has 3 train images: used 3-fold CV instead of 5-fold",
     ]
 
@@ -182,15 +187,19 @@ def test_predict_marks_uncertain_reports_bad_images_and_reuses_cached_features(t
     assert sum(t["probability"] for t in got[0]["top_k"]) == pytest.approx(1.0)
 
     # exactly at the threshold is certain, just above it is not
-    # (one image per run: BLAS may round the last bit differently for other batch shapes)
-    r = run("predict", work["model"], good, "--cache", work["cache"], "-q", "--format", "json")
+    # (one image per run: BLAS may round the last bit differently for other batch shapes;
+    # a strongly regularised model, so that the probability is below 1)
+    soft = tmp_path / "soft.featx"
+    assert run("train", work["data"], *FAST, "--C", "0.001", "--cache", work["cache"], "-o", soft).exit_code == 0
+    r = run("predict", soft, good, "--cache", work["cache"], "-q", "--format", "json")
     p_red = json.loads(r.stdout)[0]["probability"]
-    r = run("predict", work["model"], good, "--cache", work["cache"], "-q", "--format", "csv", "-t", repr(p_red))
+    assert p_red < 1.0
+    r = run("predict", soft, good, "--cache", work["cache"], "-q", "--format", "csv", "-t", repr(p_red))
     assert r.stdout.splitlines()[1].split(",")[1:4] == ["red", repr(p_red), "0"]
     t = float(np.nextafter(p_red, 1.0))
-    r = run("predict", work["model"], good, "--cache", work["cache"], "-q", "--format", "csv", "-t", repr(t))
+    r = run("predict", soft, good, "--cache", work["cache"], "-q", "--format", "csv", "-t", repr(t))
     assert r.stdout.splitlines()[1].split(",")[1:4] == ["uncertain", repr(p_red), "1"]
-    r = run("predict", work["model"], good, "--cache", work["cache"], "-q", "-t", repr(t))
+    r = run("predict", soft, good, "--cache", work["cache"], "-q", "-t", repr(t))
     assert r.stdout.splitlines()[2] == f"{good}  uncertain  {p_red:.4f}       below {t:g}; best guess red"
 
 
@@ -212,7 +221,10 @@ def test_compare_ranks_the_grid_and_a_second_run_extracts_nothing(trained, work,
         ("resnet18", "flatten", "512", "knn"), ("resnet18", "flatten", "512", "logreg"),
         ("resnet18", "layer3", "256", "knn"), ("resnet18", "layer3", "256", "logreg"),
         ("squeezenet1_1", "features.12", "512", "knn"), ("squeezenet1_1", "features.12", "512", "logreg")]
-    keys = [(-float(r["test_accuracy"]), -float(r["macro_f1"]), float(r["fit_seconds"])) for r in rows]
+    # ranked by the val score alone (ties: lower val loss, fewer dims, the simpler classifier)
+    simpler = {"logreg": 0, "knn": 3}
+    keys = [(-float(r["val_or_cv_score"]), float(r["val_loss"] or "inf"), int(r["dims"]), simpler[r["classifier"]])
+            for r in rows]
     assert keys == sorted(keys)
     assert len({r["extract_seconds"] for r in rows if r["backbone"] == "resnet18"}) == 1
     md = (tmp_path / "cmp" / "compare.md").read_text()
@@ -229,7 +241,8 @@ def test_compare_ranks_the_grid_and_a_second_run_extracts_nothing(trained, work,
         {k: v for k, v in r.items() if k != "extract_seconds"} for r in rows]
     r = run(*args, "--refit")
     assert not [line for line in r.stdout.splitlines() if line.startswith("reused")]
-    assert len(r.stdout.splitlines()) == 2 + 2 + 6 + 1
+    assert len(r.stdout.splitlines()) == 2 + 2 + 6 + 1 + 1      # extraction, header, rows, footnote, wrote
+    assert r.stdout.splitlines()[-2].startswith("* winner chosen by val accuracy")
 
 
 def test_errors_are_one_clear_line(trained, work, run, tmp_path):
@@ -260,22 +273,23 @@ def test_errors_are_one_clear_line(trained, work, run, tmp_path):
     shutil.copytree(work["data"] / "test", two / "test")
     assert error("evaluate", model, two, "--split", "val", "--cache", cache) == (
         f"Error: {two}: no split 'val'; this dataset has train, test")
-    # not a bundle, unknown format, unknown kind, damaged payload
-    assert error("predict", tmp_path, "x.jpg") == (
+    # not a bundle, unknown format, unknown kind, damaged payload (the image exists: a missing one is refused first)
+    img = next(iter(sorted(work["data"].rglob("*.jpg"))))
+    assert error("predict", tmp_path, img) == (
         f"Error: {tmp_path}: not a featx model bundle (no manifest.json; make one with `featx train`)")
     copy = tmp_path / "copy.featx"
     shutil.copytree(model, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "kind": "hologram"}))
-    assert error("predict", copy, "x.jpg") == (
+    assert error("predict", copy, img) == (
         f"Error: {copy}: unknown bundle kind 'hologram'; this featx reads: linear, finetune")
     (copy / "manifest.json").write_text(json.dumps({**manifest, "featx_bundle": 3}))
-    assert error("predict", copy, "x.jpg") == (
+    assert error("predict", copy, img) == (
         f"Error: {copy}: bundle format 3 is unknown to featx 0.1.0, which reads formats 1 and 2; upgrade featx")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with open(copy / "model.safetensors", "ab") as f:
         f.write(b"x")
-    assert error("predict", copy, "x.jpg") == (
+    assert error("predict", copy, img) == (
         f"Error: {copy / 'model.safetensors'}: does not match the sha256 in manifest.json (changed or damaged); "
         "restore the bundle or train again")
     # options
@@ -285,4 +299,4 @@ def test_errors_are_one_clear_line(trained, work, run, tmp_path):
     assert error("train", work["data"], *FAST, "--cache", cache, "-o", tmp_path) == (
         f"Error: {tmp_path}: exists and is not a featx bundle; choose another --out")
     assert error("compare", work["data"], "-b", "resnet18", "-l", "vgg16:features.3", "--cache", cache) == (
-        "Error: --layer vgg16:features.3: vgg16 is not one of the --backbone values (resnet18)")
+        "Error: --layer vgg16:features.3: vgg16 is not one of the --backbone values (resnet18); add it with -b vgg16")

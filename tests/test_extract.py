@@ -141,7 +141,7 @@ def test_weights_file_round_trip_gives_the_same_features(folder_dataset, tmp_pat
 
 
 def test_unknown_layer_suggests_close_names(folder_dataset, tmp_path):
-    with pytest.raises(BackboneError, match=r"--layer layer5: no such layer; did you mean layer.*featx layers BACKBONE"):
+    with pytest.raises(BackboneError, match=r"--layer layer5: no such layer in resnet18; did you mean layer4, .*featx layers resnet18"):
         extract(open_dataset(folder_dataset), layers=["layer5"], cache=tmp_path / "c", **SMALL)
 
 

@@ -17,15 +17,23 @@ Layouts (``layout="auto"`` picks the first that fits):
 ``filenames``
     ``root/cat.123.jpg``: the label is the part before the first dot, or
     the first group (or the group named ``label``) of ``label_regex``.
+``none``
+    images without labels: a folder (searched recursively), one file, or a
+    list of files and folders. For extraction only; ``auto`` picks it when
+    labels are not needed (``labels=False``) and the folder has no class
+    structure.
 
 When the layout has no test split, a stratified, seeded split is made and
-recorded in the manifest.
+recorded in the manifest. The split of an image depends on its content id
+and the seed only (split version 2; version 1 also hashed the file name).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -39,13 +47,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import DatasetError, ImageError
+from .errors import ConfigError, DatasetError, ImageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 SPLITS = ("train", "val", "test")
-LAYOUTS = ("auto", "csv", "split-folders", "folders", "filenames")
+LAYOUTS = ("auto", "csv", "split-folders", "folders", "filenames", "none")
+# 2: an image's split depends on its content id and the seed only (1 also hashed its file name).
+SPLIT_VERSION = 2
+# Decoding budget per image: a 24000x24000 PNG of 600 KB would otherwise take
+# 20 s and 6 GB. Bigger JPEGs are decoded at a reduced DCT scale that fits;
+# other images above it are refused with the reason (skipped, or fatal with --strict).
+MAX_PIXELS = 150_000_000
 
 # A truncated JPEG must be an error we report, not grey pixels we learn from.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -91,6 +105,15 @@ class Dataset:
         present = {s.split for s in self.samples}
         return [s for s in SPLITS if s in present]
 
+    @property
+    def held_out(self) -> str | None:
+        """The split evaluation uses: ``test``, else ``val`` (``--test-fraction 0``), else None."""
+        return next((s for s in ("test", "val") if s in self.splits), None)
+
+    @property
+    def labelled(self) -> bool:
+        return self.layout != "none"
+
     def subset(self, split: str | None) -> list[Sample]:
         """Samples of one split (``None`` or ``"all"``: every sample)."""
         if split in (None, "all"):
@@ -113,19 +136,19 @@ class Dataset:
     def id(self) -> str:
         h = hashlib.blake2b(digest_size=8)
         for s in sorted(self.samples, key=lambda s: (s.id, str(s.path))):
-            h.update(f"{s.id}\t{s.label}\t{s.split}\t{_rel(s.path, self.root)}\n".encode())
+            h.update(f"{s.id}\t{s.label}\t{s.split}\t{_rel(s.path, self.root)}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
     def manifest(self) -> dict:
         return {
             "name": self.name,
-            "root": str(self.root),
+            "root": _text(self.root),
             "layout": self.layout,
             "classes": self.classes,
             "split_made": self.split_made,
             "id": self.id,
             "samples": [
-                {"id": s.id, "path": _rel(s.path, self.root), "label": s.label, "split": s.split}
+                {"id": s.id, "path": _text(_rel(s.path, self.root)), "label": s.label, "split": s.split}
                 for s in self.samples
             ],
         }
@@ -148,6 +171,19 @@ def _rel(path: Path, root: Path) -> str:
         return str(path.relative_to(base))
     except ValueError:
         return str(path)
+
+
+def _text(path) -> str:
+    """A path as printable, UTF-8-encodable text: bytes of a name that is not
+    UTF-8 (kept by Python as surrogates) are shown as ``\\xNN``."""
+    s = os.fspath(path)
+    if isinstance(s, bytes):
+        return s.decode("utf-8", "backslashreplace")
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _slug(name: str) -> str:
@@ -176,7 +212,7 @@ class HashIndex:
     def get(self, path: Path, st: os.stat_result) -> str | None:
         if self._db is None:
             return None
-        row = self._db.execute("SELECT size, mtime, id FROM h WHERE path=?", (str(path),)).fetchone()
+        row = self._db.execute("SELECT size, mtime, id FROM h WHERE path=?", (_index_key(path),)).fetchone()
         if row and row[0] == st.st_size and row[1] == st.st_mtime_ns:
             return row[2]
         return None
@@ -194,6 +230,17 @@ class HashIndex:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _index_key(path) -> str | bytes:
+    """The index's key for a path: its text, or (a name that is not UTF-8)
+    its raw bytes, which SQLite keeps as a BLOB that never equals a text key."""
+    s = str(path)
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return os.fsencode(s)
 
 
 def content_id(path: str | os.PathLike) -> str:
@@ -221,7 +268,7 @@ def _hash_all(paths: list[Path], index: HashIndex) -> list[str | None]:
             except OSError:
                 ids.append(None)
                 continue
-            fresh.append((str(p), st.st_size, st.st_mtime_ns, known))
+            fresh.append((_index_key(p), st.st_size, st.st_mtime_ns, known))
         ids.append(known)
     index.put_many(fresh)
     return ids
@@ -231,84 +278,248 @@ def _hash_all(paths: list[Path], index: HashIndex) -> list[str | None]:
 # discovery
 
 
-def _is_candidate(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".")
+class _Walker:
+    """Lists folders with :func:`os.scandir`, sorted by name. What it cannot
+    list (an unreadable folder, a symlink loop, a broken link) is recorded in
+    ``problems`` as (path, reason) and left out, never dropped silently.
+    Symlinked folders are followed unless they lead back to a folder above."""
+
+    def __init__(self):
+        self.problems: list[tuple[str, str]] = []
+        self._listed: dict[str, list[os.DirEntry]] = {}
+
+    def _problem(self, path, reason: str):
+        item = (_text(path), reason)
+        if item not in self.problems:
+            self.problems.append(item)
+
+    def entries(self, folder: Path) -> list[os.DirEntry]:
+        key = str(folder)
+        if key not in self._listed:
+            try:
+                with os.scandir(folder) as it:
+                    self._listed[key] = sorted(it, key=lambda e: e.name)
+            except OSError as e:
+                self._problem(folder, f"cannot read folder ({e.strerror or type(e).__name__}); its images are left out")
+                self._listed[key] = []
+        return self._listed[key]
+
+    def _kind(self, e: os.DirEntry) -> str | None:
+        """"dir", "file", or None (something else, or a link that leads nowhere: recorded)."""
+        try:
+            if e.is_dir():
+                return "dir"
+            if e.is_file():
+                return "file"
+        except OSError:
+            pass
+        if e.is_symlink():
+            try:
+                os.stat(e.path)
+            except OSError as err:
+                why = "symlink loop" if err.errno == errno.ELOOP else "broken symlink"
+                self._problem(e.path, f"{why} ({err.strerror}); left out")
+        return None
+
+    def subdirs(self, folder: Path) -> list[Path]:
+        return [Path(e.path) for e in self.entries(folder)
+                if not e.name.startswith(".") and self._kind(e) == "dir"]
+
+    def files(self, folder: Path, recursive: bool = True) -> list[Path]:
+        out: list[Path] = []
+        try:
+            st = os.stat(folder)
+            ancestors = {(st.st_dev, st.st_ino): str(folder)}
+        except OSError:
+            ancestors = {}
+        self._walk(Path(folder), ancestors, recursive, out)
+        return out
+
+    def _walk(self, folder: Path, ancestors: dict, recursive: bool, out: list[Path]):
+        for e in self.entries(folder):
+            kind = self._kind(e)
+            if kind == "file":
+                if not e.name.startswith("."):
+                    out.append(Path(e.path))
+            elif kind == "dir" and recursive:
+                try:
+                    st = os.stat(e.path)
+                except OSError as err:
+                    self._problem(e.path, f"cannot read folder ({err.strerror}); its images are left out")
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    self._problem(e.path, f"symlink loop (leads back to {_text(ancestors[key])}); left out")
+                    continue
+                self._walk(Path(e.path), {**ancestors, key: e.path}, recursive, out)
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if _is_candidate(p))
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def detect_layout(path: Path) -> str:
+def detect_layout(path: Path, walker: _Walker | None = None) -> str:
+    walker = walker or _Walker()
     if path.is_file():
         if path.suffix.lower() == ".csv":
             return "csv"
         raise DatasetError(f"{path}: a dataset is a folder or a .csv manifest (path,label[,split])")
-    subdirs = _subdirs(path)
+    subdirs = walker.subdirs(path)
     names = {d.name.lower() for d in subdirs}
     if "train" in names and names <= set(SPLIT_ALIASES):
         return "split-folders"
     if subdirs:
         return "folders"
-    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir() if p.is_file()):
+    if any(_is_image_name(p.name) for p in walker.files(path, recursive=False)):
         return "filenames"
     raise DatasetError(f"{path}: no images found (expected CLASS/ folders, "
                        "train/val/test/ folders, label.N.jpg files or a .csv manifest)")
 
 
-def _entries_folders(root: Path, split: str | None):
-    for cls_dir in _subdirs(root):
-        for p in _files(cls_dir):
-            yield p, cls_dir.name, split
+def _entries_folders(root: Path, split: str | None, walker: _Walker):
+    for cls_dir in walker.subdirs(root):
+        for p in walker.files(cls_dir):
+            yield p, _text(cls_dir.name), split
 
 
-def _entries_split_folders(root: Path):
-    for split_dir in _subdirs(root):
+def _entries_split_folders(root: Path, walker: _Walker):
+    for split_dir in walker.subdirs(root):
         split = SPLIT_ALIASES.get(split_dir.name.lower())
-        yield from _entries_folders(split_dir, split)
+        yield from _entries_folders(split_dir, split, walker)
 
 
-def _entries_filenames(root: Path, label_regex: str | None):
-    rx = re.compile(label_regex) if label_regex else None
-    for p in sorted(root.iterdir()):
-        if not _is_candidate(p):
-            continue
-        if rx is None:
-            label = p.name.split(".", 1)[0] if "." in p.name else None
-        else:
-            m = rx.search(p.name)
-            label = None
-            if m:
-                label = m.groupdict().get("label") or (m.group(1) if m.groups() else m.group(0))
-        yield p, label, None
+def _compile_label_regex(label_regex: str) -> re.Pattern:
+    try:
+        return re.compile(label_regex)
+    except re.error as e:
+        raise DatasetError(f"--label-regex {label_regex!r}: not a valid regular expression ({e})") from None
+
+
+def _label_from_name(name: str, rx: re.Pattern | None) -> str | None:
+    if rx is None:
+        return name.split(".", 1)[0] or None if "." in name else None
+    m = rx.search(name)
+    if not m:
+        return None
+    label = m.groupdict().get("label") or (m.group(1) if m.groups() else m.group(0))
+    return label or None
+
+
+def _entries_filenames(root: Path, label_regex: str | None, walker: _Walker):
+    rx = _compile_label_regex(label_regex) if label_regex else None
+    files = walker.files(root, recursive=False)
+    images = [p for p in files if _is_image_name(p.name)]
+    if rx is not None and images and not any(_label_from_name(_text(p.name), rx) for p in images):
+        raise DatasetError(f"--label-regex {label_regex!r} matches none of the {len(images)} image names in {_text(root)} "
+                           f"(e.g. {_text(images[0].name)}); it needs to match the file name, with a group 'label' "
+                           "for the class")
+    for p in files:
+        yield p, _label_from_name(_text(p.name), rx), None
 
 
 def _entries_csv(csv_path: Path):
     base = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+    try:
+        data = csv_path.read_bytes()
+    except OSError as e:
+        raise DatasetError(f"{csv_path}: cannot read ({e.strerror or type(e).__name__})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DatasetError(f"{csv_path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                           "save the CSV as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         cols = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "path" not in cols or "label" not in cols:
             raise DatasetError(f"{csv_path}: needs a header with columns path,label[,split]; found {','.join(cols) or 'none'}")
         reader.fieldnames = cols
-        for lineno, row in enumerate(reader, start=2):
-            raw_path = (row.get("path") or "").strip()
-            label = (row.get("label") or "").strip()
-            if not raw_path or not label:
-                raise DatasetError(f"{csv_path}:{lineno}: empty path or label")
-            split = (row.get("split") or "").strip().lower() or None
-            if split is not None and split not in SPLIT_ALIASES:
-                raise DatasetError(f"{csv_path}:{lineno}: unknown split {split!r} (use train, val or test)")
-            p = Path(raw_path)
-            yield (p if p.is_absolute() else base / p), label, (SPLIT_ALIASES[split] if split else None)
+        rows = list(reader)
+    except csv.Error as e:
+        raise DatasetError(f"{csv_path}:{reader.line_num}: not a valid CSV ({e})") from None
+    for lineno, row in enumerate(rows, start=2):
+        raw_path = (row.get("path") or "").strip()
+        label = (row.get("label") or "").strip()
+        if not raw_path or not label:
+            raise DatasetError(f"{csv_path}:{lineno}: empty path or label")
+        split = (row.get("split") or "").strip().lower() or None
+        if split is not None and split not in SPLIT_ALIASES:
+            raise DatasetError(f"{csv_path}:{lineno}: unknown split {split!r} (use train, val or test)")
+        p = Path(raw_path).expanduser()
+        # paths may point anywhere, outside the CSV's folder too: featx reads what the CSV lists
+        yield (p if p.is_absolute() else base / p), label, (SPLIT_ALIASES[split] if split else None)
+
+
+def _entries_none(paths: list[Path], walker: _Walker):
+    for p in paths:
+        for f in (walker.files(p) if p.is_dir() else [p]):
+            yield f, "", None
+
+
+def _mostly_single(counts: Counter) -> int:
+    """How many classes have one image, when that is most of 4 or more classes (else 0)."""
+    single = sum(1 for n in counts.values() if n == 1)
+    return single if len(counts) >= 4 and single * 2 > len(counts) else 0
+
+
+def _suggest_label_regex(names: list[str]) -> str | None:
+    """A --label-regex that gives these file names sensible classes, or None."""
+    letters = "[A-Za-z]+" if any(c.isupper() for n in names for c in n) else "[a-z]+"
+    for rx in (f"(?P<label>{letters})_", f"(?P<label>{letters})-", f"(?P<label>{letters}) ",
+               f"(?P<label>{letters})[0-9]", r"(?P<label>[^_]+)_", r"(?P<label>[^-]+)-"):
+        pattern = re.compile("^" + rx)
+        labels = [_label_from_name(n, pattern) for n in names]
+        if all(labels):
+            counts = Counter(labels)
+            if len(counts) >= 2 and not _mostly_single(counts):
+                return rx
+    return None
+
+
+def _check_labels(root: Path, layout: str, samples: list[Sample], label_regex: str | None):
+    """Labels that cannot be what the user meant: an error with a hint."""
+    counts = Counter(s.label for s in samples)
+    classes = sorted(counts)
+    if len(classes) < 2:
+        raise DatasetError(f"{_text(root)}: found {len(classes)} class{'' if len(classes) == 1 else 'es'} "
+                           f"({', '.join(classes)}); need at least 2 to classify")
+    split_like = [c for c in classes if c.lower() in SPLIT_ALIASES]
+    if layout == "folders" and len(split_like) >= 2:
+        raise DatasetError(f"{_text(root)}: classes {', '.join(split_like)} look like split folders, not labels; "
+                           "for train/val/test/CLASS/ folders use --layout split-folders (or auto)")
+    single = _mostly_single(counts)
+    if not single:
+        return
+    what = f"{len(samples)} images in {len(classes)} classes, {single} of them with a single image"
+    if layout == "filenames":
+        names = [_text(s.path.name) for s in samples]
+        example = names[0]
+        suggestion = _suggest_label_regex(names)
+        rule = (f"--label-regex {label_regex!r} takes" if label_regex else "the label is the text before the first dot:")
+        hint = (f"give --label-regex '{suggestion}' ({example} -> "
+                f"{_label_from_name(example, re.compile('^' + suggestion))!r})" if suggestion else
+                f"give --label-regex with a group 'label' that captures the class in names like {example}")
+        raise DatasetError(f"{_text(root)}: {what}; {rule} {example} -> "
+                           f"{_label_from_name(example, _compile_label_regex(label_regex) if label_regex else None)!r}; "
+                           f"{hint}")
+    if layout in ("folders", "split-folders"):
+        raise DatasetError(f"{_text(root)}: {what}; every folder is taken as a class: give the folder whose "
+                           "subfolders are the classes, or a .csv manifest (path,label)")
+    raise DatasetError(f"{_text(root)}: {what}; check the label column")
+
+
+def _check_fractions(val_fraction: float, test_fraction: float):
+    for option, v in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0 <= v < 1:
+            raise ConfigError(f"{option} {v:g}: give a share of at least 0 and below 1")
+    if val_fraction + test_fraction >= 1:
+        raise ConfigError(f"--val-fraction {val_fraction:g} + --test-fraction {test_fraction:g} = "
+                          f"{val_fraction + test_fraction:g}: must be below 1 (train needs images)")
 
 
 def open_dataset(
-    path: str | os.PathLike,
+    path: str | os.PathLike | list,
     layout: str = "auto",
     *,
     label_regex: str | None = None,
@@ -316,57 +527,91 @@ def open_dataset(
     test_fraction: float = 0.15,
     seed: int = 0,
     hash_index: str | os.PathLike | None = None,
+    labels: bool = True,
 ) -> Dataset:
     """Discover a dataset and give every image its content id.
 
     Parameters
     ----------
-    path : folder or .csv manifest
-    layout : one of ``auto, csv, split-folders, folders, filenames``
+    path : folder or .csv manifest; with ``labels=False`` also one image or
+        a list of images and folders (layout ``none``)
+    layout : one of ``auto, csv, split-folders, folders, filenames, none``
     label_regex : for ``filenames``: regex whose group ``label`` (or first
         group) is the class name.
     val_fraction, test_fraction : share of each class put into val / test
-        when the layout has no split (stratified, seeded by ``seed``).
+        when the layout has no split (stratified, seeded by ``seed``); either
+        may be 0 (then the held-out split is the other one).
     hash_index : sqlite file remembering content hashes between runs.
+    labels : False for extraction: no classes needed, and ``auto`` picks
+        ``none`` when the images have no class structure. True (fitting,
+        evaluating): at least 2 classes, and labels that look wrong (one image
+        per class, split names as classes) are an error with a hint.
 
     Examples
     --------
     >>> ds = open_dataset("photos/")            # doctest: +SKIP
     >>> ds.classes, ds.counts("train")          # doctest: +SKIP
     """
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise DatasetError(f"{root}: no such file or folder")
-    root = root.resolve()
+    given = list(path) if isinstance(path, (list, tuple)) else [path]
+    if not given:
+        raise DatasetError("no images given")
+    paths = []
+    for p in given:
+        p = Path(p).expanduser()
+        if not p.exists():
+            raise DatasetError(f"{_text(p)}: no such file or folder")
+        paths.append(p.resolve())
+    root = paths[0] if len(paths) == 1 else Path(os.path.commonpath(paths))
     if layout not in LAYOUTS:
         raise DatasetError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    if layout == "auto":
-        layout = detect_layout(root)
+    _check_fractions(val_fraction, test_fraction)
+    if label_regex is not None:
+        _compile_label_regex(label_regex)
+    several = len(paths) > 1 or (root.is_file() and root.suffix.lower() != ".csv")
+    if labels and (layout == "none" or several):
+        what = "--layout none" if layout == "none" else f"{_text(root)}" if len(paths) == 1 else "a list of images"
+        raise DatasetError(f"{what}: images without labels can be extracted, not trained on or evaluated; "
+                           "give a folder (CLASS/ folders, train/val/test/ folders, label.N.jpg files) "
+                           "or a .csv manifest (path,label[,split])")
+    if several:
+        if layout not in ("auto", "none"):
+            raise DatasetError(f"--layout {layout}: needs one folder or .csv manifest, not "
+                               f"{'a single image' if len(paths) == 1 else 'a list of images'}; use --layout none")
+        layout = "none"
 
+    walker = _Walker()
+    auto = layout == "auto"
+    if auto:
+        layout = detect_layout(root, walker)
     if layout == "csv":
         entries = list(_entries_csv(root))
     elif layout == "split-folders":
-        entries = list(_entries_split_folders(root))
+        entries = list(_entries_split_folders(root, walker))
     elif layout == "folders":
-        entries = list(_entries_folders(root, None))
+        entries = list(_entries_folders(root, None, walker))
     elif layout == "filenames":
-        entries = list(_entries_filenames(root, label_regex))
-    else:  # pragma: no cover - guarded above
-        raise AssertionError(layout)
+        entries = list(_entries_filenames(root, label_regex, walker))
+    else:
+        entries = list(_entries_none(paths, walker))
+    if auto and not labels and label_regex is None and layout in ("folders", "filenames"):
+        found = Counter(label for p, label, _ in entries if label is not None and _is_image_name(p.name))
+        if len(found) < 2 or _mostly_single(found):   # no class structure: images without labels
+            layout = "none"
+            entries = list(_entries_none(paths, walker))
 
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = list(walker.problems)
     kept = []
     for p, label, split in entries:
         if label is None:
-            skipped.append((str(p), "no label in file name" + (f" (regex {label_regex!r})" if label_regex else "")))
+            skipped.append((_text(p), "no label in file name" + (f" (regex {label_regex!r})" if label_regex else "")))
         elif not p.exists():
-            skipped.append((str(p), "file not found"))
-        elif p.suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append((str(p), f"not an image extension ({p.suffix or 'none'})"))
+            skipped.append((_text(p), "file not found"))
+        elif not _is_image_name(p.name):
+            skipped.append((_text(p), f"not an image extension ({_text(p.suffix) or 'none'})"))
         else:
             kept.append((p, label, split))
     if not kept:
-        raise DatasetError(f"{root}: no images found for layout {layout!r}")
+        raise DatasetError(f"{_text(root)}: no images found for layout {layout!r}")
 
     index = HashIndex(hash_index)
     try:
@@ -376,49 +621,61 @@ def open_dataset(
     samples = []
     for (p, label, split), sid in zip(kept, ids):
         if sid is None:
-            skipped.append((str(p), "cannot read file"))
+            skipped.append((_text(p), "cannot read file"))
             continue
         samples.append(Sample(p, label, split or "", sid))
+    if not samples:
+        path0, why = skipped[-1]
+        raise DatasetError(f"{_text(root)}: none of its {len(kept)} images could be read (first: {path0}: {why})")
 
+    if layout == "none":
+        return Dataset(root, layout, [], samples, None, skipped)
+    if labels:
+        _check_labels(root, layout, samples, label_regex)
     classes = sorted({s.label for s in samples})
-    if len(classes) < 2:
-        raise DatasetError(f"{root}: found {len(classes)} class ({', '.join(classes)}); need at least 2 to classify")
 
     split_made = None
-    if not any(s.split == "test" for s in samples):
-        samples, split_made = _make_split(samples, val_fraction, test_fraction, seed,
-                                          keep_val=any(s.split == "val" for s in samples))
+    has_val = any(s.split == "val" for s in samples)
+    if not any(s.split == "test" for s in samples) and (test_fraction > 0 or (not has_val and val_fraction > 0)):
+        samples, split_made = _make_split(samples, val_fraction, test_fraction, seed, keep_val=has_val)
     else:
         samples = [s if s.split else Sample(s.path, s.label, "train", s.id) for s in samples]
+    if labels and not any(s.split in ("val", "test") for s in samples):
+        raise ConfigError(f"{_text(root)}: --val-fraction 0 and --test-fraction 0 leave no images to evaluate on "
+                          "(the dataset has no val or test split); give one of them a share")
     return Dataset(root, layout, classes, samples, split_made, skipped)
 
 
 def _make_split(samples, val_fraction, test_fraction, seed, keep_val=False):
     """Stratified, seeded, deterministic split of the unsplit samples.
 
-    Order within a class comes from a hash of (seed, content id), so the same
-    images always land in the same split whatever their file names."""
-    if not 0 <= val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise DatasetError(f"split fractions val={val_fraction}, test={test_fraction} must be in [0, 1) and sum below 1")
+    The split of an image depends on its content id and the seed only
+    (split version 2): copies of one image under other names always share a
+    split, and renaming moves nothing. Classes are stratified by distinct
+    contents; a content listed under two labels goes with its first label."""
+    _check_fractions(val_fraction, test_fraction)
     if keep_val:
         val_fraction = 0.0
-    by_class: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
-    out = []
+    # no test split anywhere: train images are free to be re-assigned
+    free = [s for s in samples if not s.split or s.split == "train"]
+    label_of: dict[str, str] = {}
+    for s in sorted(free, key=lambda s: s.label):
+        label_of.setdefault(s.id, s.label)
+    by_class: dict[str, list[str]] = {}
+    for sid, label in label_of.items():
+        by_class.setdefault(label, []).append(sid)
+    split_of: dict[str, str] = {}
     for label in sorted(by_class):
-        group = sorted(by_class[label], key=lambda s: hashlib.blake2b(f"{seed}:{s.id}:{s.path.name}".encode(), digest_size=8).digest())
-        # no test split anywhere: train images are free to be re-assigned
-        fixed = [s for s in group if s.split and s.split != "train"]
-        free = [s for s in group if not s.split or s.split == "train"]
-        n = len(free)
-        n_test = min(n - 1, max(1, math.floor(n * test_fraction + 0.5))) if n >= 2 else 0
+        group = sorted(by_class[label], key=lambda sid: hashlib.blake2b(f"{seed}:{sid}".encode(), digest_size=8).digest())
+        n = len(group)
+        n_test = min(n - 1, max(1, math.floor(n * test_fraction + 0.5))) if n >= 2 and test_fraction > 0 else 0
         n_val = min(n - 1 - n_test, max(1 if n >= 5 else 0, math.floor(n * val_fraction + 0.5))) if val_fraction > 0 else 0
-        for i, s in enumerate(free):
-            split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-            out.append(Sample(s.path, s.label, split, s.id))
-        out.extend(fixed)
-    made = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction, "stratified": True}
+        for i, sid in enumerate(group):
+            split_of[sid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    out = [Sample(s.path, s.label, split_of[s.id], s.id) if (not s.split or s.split == "train") else s
+           for s in samples]
+    made = {"version": SPLIT_VERSION, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
+            "stratified": True}
     return out, made
 
 
@@ -436,29 +693,38 @@ def load_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.
     path = Path(path)
     try:
         if path.stat().st_size == 0:
-            raise ImageError(path, "empty file (0 bytes)")
+            raise ImageError(_text(path), "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             im = Image.open(path)
-            if draft_size and im.format == "JPEG":
+            w, h = im.size
+            if im.format == "JPEG":
+                # DCT scales 1/2, 1/4, 1/8: the smallest that still covers draft_size,
+                # and never one whose pixels exceed the budget
+                fits = [d for d in (1, 2, 4, 8) if math.ceil(w / d) * math.ceil(h / d) <= MAX_PIXELS]
+                wanted = [d for d in fits if draft_size and min(w, h) / d >= draft_size]
+                d = max(wanted) if wanted else min(fits, default=1)
+                if d > 1:
+                    im.draft(None, (math.ceil(w / d), math.ceil(h / d)))
+            if im.size[0] * im.size[1] > MAX_PIXELS:
                 w, h = im.size
-                r = draft_size / min(w, h)
-                if r < 0.5:
-                    im.draft(None, (math.ceil(w * r), math.ceil(h * r)))
+                raise ImageError(_text(path), f"too large to decode: {w}x{h} = {w * h / 1e6:.3g} megapixels, above "
+                                              f"featx's budget of {MAX_PIXELS / 1e6:.3g} per image (featx.data.MAX_PIXELS); "
+                                              "downscale it")
             im.load()
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image (unknown format)") from None
+        raise ImageError(_text(path), "not an image (unknown format)") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(path, f"too large ({e})") from None
+        raise ImageError(_text(path), f"too large ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e) or type(e).__name__
         if "truncated" in msg.lower():
-            raise ImageError(path, f"truncated image ({msg})") from None
-        raise ImageError(path, f"corrupt image ({msg})") from None
+            raise ImageError(_text(path), f"truncated image ({msg})") from None
+        raise ImageError(_text(path), f"corrupt image ({msg})") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -208,6 +208,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "grids": Key("table", {}),
         "cv": Key("int", 5, check=_at_least(2)),
         "pca": Key("number", None, check=_pca),
+        "features": Key("str_list", [], what="fused feature sets, each \"A+B\" with parts LAYER or BACKBONE:LAYER"),
+        "final_fit": Key("str", "train+val", choices=("train", "train+val")),
     },
     "finetune": {
         "enabled": Key("bool", True),
@@ -505,6 +507,7 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
             raise where.error(dotted, f"{cname} is not in classifiers.names ({', '.join(names)})")
         grids[cname] = _check_grid(where, dotted, cname, values)
     classifiers["grids"] = {n: grids.get(n) for n in names}
+    classifiers["_fused"] = _check_fused(where, classifiers["features"], backbones)
     if classifiers["pca"] is not None and "sgd" in names:
         raise where.error("classifiers.pca", "does not apply to sgd (it streams features; PCA needs them all); "
                                              "drop pca or sgd")
@@ -522,6 +525,41 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
         report["title"] = f"featx pipeline {path.stem}"
     _check_engine(where, engine, backbones)
     return Pipeline(path, dataset, backbones, classifiers, finetune, evaluate, report, output, engine)
+
+
+def _check_fused(where, values, backbones) -> list:
+    """``classifiers.features`` as requests ((backbone index, layer), ...): every
+    part a layer that its [[backbones]] table extracts."""
+    out = []
+    for j, value in enumerate(values):
+        dotted = f"classifiers.features[{j}]"
+        parts = value.split("+")
+        if len(parts) < 2 or any(not part.strip() for part in parts):
+            raise where.error(dotted, f"{_show(value)}: write A+B, each part LAYER or BACKBONE:LAYER, "
+                                      "no empty part")
+        request = []
+        for part in parts:
+            name, sep, layer = part.rpartition(":")
+            if sep and not layer:
+                raise where.error(dotted, f"{_show(value)}: {_show(part)} names no layer")
+            if sep:
+                at = [i for i, b in enumerate(backbones) if b["name"] == name]
+                if not at:
+                    raise where.error(dotted, f"{_show(part)}: {name} is not one of the [[backbones]] "
+                                              f"({', '.join(b['name'] for b in backbones)})")
+            elif len(backbones) == 1:
+                at = [0]
+            else:
+                raise where.error(dotted, f"{_show(part)}: with several [[backbones]] write BACKBONE:LAYER")
+            i = at[0]
+            if layer not in backbones[i]["layers"]:
+                raise where.error(dotted, f"{_show(part)}: {backbones[i]['name']} does not extract {_show(layer)}; "
+                                          f"add it to backbones[{i}].layers ({', '.join(backbones[i]['layers'])})")
+            request.append((i, layer))
+        if len(set(request)) != len(request):
+            raise where.error(dotted, f"{_show(value)}: a part is listed twice")
+        out.append(tuple(request))
+    return out
 
 
 def _check_grid(where, dotted, classifier, values) -> list:
@@ -886,13 +924,25 @@ def _spec_label(spec) -> str:
     return f"{spec.backbone} {spec.layer} ({spec.pool}, {spec.precision})"
 
 
-def _model_inputs(spec, digest, classifier, grid, cv, pca, seed) -> dict:
+def _model_inputs(spec, digest, classifier, grid, cv, pca, seed, final_fit="train+val") -> dict:
     import sklearn
 
+    from . import safemodel
     from .classify import get_classifier_spec
     values = list(grid) if grid else list(get_classifier_spec(classifier).grid)
     return {"features": spec.canonical(), "data": digest, "classifier": classifier, "grid": values, "cv": cv,
-            "pca": pca, "seed": seed, "sklearn": sklearn.__version__}
+            "pca": pca, "seed": seed, "sklearn": sklearn.__version__, "final_fit": final_fit,
+            "model_format": safemodel.FORMAT}
+
+
+def _feature_sets(plan_backbones, fused) -> list:
+    """Every feature set a run trains on: each backbone's layers, then the fusions."""
+    from .train import FeatureSet
+    sets = [FeatureSet((spec,)) for bb in plan_backbones for spec in bb.specs]
+    for request in fused:
+        sets.append(FeatureSet(tuple(next(s for s in plan_backbones[i].specs if s.layer == layer)
+                                     for i, layer in request)))
+    return sets
 
 
 def _finetune_inputs(p: Pipeline, digest: str) -> dict:
@@ -942,24 +992,29 @@ def plan_pipeline(p: Pipeline, cache=None, force=(), *, dataset=None) -> Plan:
 
     train = []
     c = p.classifiers
-    for bb in backbones:
-        for spec in bb.specs:
+    for fset in _feature_sets(backbones, c.get("_fused") or []):
+        if True:
+            spec = fset
             for name in c["names"]:
-                inputs = _model_inputs(spec, digest, name, c["grids"][name], c["cv"], c["pca"], seed)
+                inputs = _model_inputs(spec, digest, name, c["grids"][name], c["cv"], c["pca"], seed,
+                                       c.get("final_fit", "train+val"))
                 model_id = f"{_slug(spec.backbone)}-{_slug(spec.layer)}-{name}-{_digest(inputs)[:10]}"
                 record = manifest.data["train"].get(model_id)
                 label = f"{spec.backbone} {spec.layer} {name}"
                 usable = (record is not None and record.get("inputs") == _digest(inputs)
+                          and str(record.get("file", "")).endswith("model.json")
                           and _file_sha(p.out_dir / record["file"]) == record.get("sha256"))
                 if usable and "train" not in force:
                     item = PlanItem("train", label, "reuse", record["file"], model_id, inputs)
                 else:
-                    from .classify import get_classifier_spec
+                    from .classify import PROBE_SEARCHED, get_classifier_spec
                     n = len(inputs["grid"])
                     why = " (forced)" if "train" in force and usable else ""
+                    values = f"{n} value{'s' if n != 1 else ''}"
+                    if c["grids"][name] is None and name in PROBE_SEARCHED and c["pca"] is None:
+                        values = f"{min(inputs['grid']):.0e}..{max(inputs['grid']):.0e} (adaptive)"
                     item = PlanItem("train", label, "compute",
-                                    f"{get_classifier_spec(name).param_name}: {n} value{'s' if n != 1 else ''}{why}",
-                                    model_id, inputs)
+                                    f"{get_classifier_spec(name).param_name}: {values}{why}", model_id, inputs)
                 train.append(item)
 
     if p.finetune is None or not p.finetune["enabled"]:
@@ -1062,12 +1117,19 @@ class _Candidate:
 
 
 def choose_best(candidates: Sequence[_Candidate]):
-    """Highest val/CV score; ties go to the one listed first in the pipeline.
+    """The first candidate as :func:`featx.classify.rank_rows` ranks their rows
+    (the val/CV score; ties: lower held-out loss, the simpler model, the
+    faster fit, then the one listed first in the pipeline), the same ranking
+    as ``featx compare``.
 
     The test split never chooses: its accuracy stays an honest estimate."""
-    ranked = sorted(candidates, key=lambda c: (c.score is None or (isinstance(c.score, float) and math.isnan(c.score)),
-                                               -(c.score or 0.0), c.order))
-    return ranked[0] if ranked else None
+    from .classify import ComparisonRow, rank_rows
+    if not candidates:
+        return None
+    ordered = sorted(candidates, key=lambda c: c.order)
+    rows = [ComparisonRow(**{**c.row, "notes": list(c.row.get("notes") or [])}) for c in ordered]
+    best = rank_rows(rows)[0]
+    return ordered[next(i for i, r in enumerate(rows) if r is best)]
 
 
 @dataclass
@@ -1101,19 +1163,6 @@ def _engine(p: Pipeline, notify):
         return contextlib.nullcontext(functools.partial(module.extract_dask, scheduler=e["scheduler"],
                                                         **({"shard_size": e["shard_size"]} if e["shard_size"] else {})))
     raise FeatxError(f"{p.path}: engine.kind: \"dask\" needs featx.distributed.extract_dask, which this featx lacks")
-
-
-def _atomic_dump_joblib(obj, path: Path):
-    import joblib
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:6]}.tmp")
-    try:
-        joblib.dump(obj, tmp, compress=3)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _copy_folder_atomically(src: Path, dst: Path):
@@ -1230,57 +1279,64 @@ def _stage_extract(plan: Plan, cache, extract_fn, progress, notify, events):
         manifest.save()
 
 
-def _fit_record(fit, row, metrics, dims, spec, inputs, file, sha):
-    return {"inputs": _digest(inputs), "file": file, "sha256": sha, "spec": spec.canonical(), "key": spec.key,
-            "dims": dims, "row": dataclasses.asdict(row), "test": metrics,
-            "fit": {"name": fit.name, "param_name": fit.param_name, "chosen": fit.chosen,
-                    "search": [list(x) for x in fit.search], "score_source": fit.score_source,
-                    "val_score": fit.val_score, "cv_score": fit.cv_score, "fit_seconds": fit.fit_seconds,
-                    "search_seconds": fit.search_seconds, "notes": list(fit.notes)},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+def _save_model_atomically(pipe, folder: Path):
+    from . import safemodel
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    tmp.mkdir(parents=True)
+    try:
+        safemodel.save(pipe, tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _stage_train(plan: Plan, cache, notify, events) -> list[_Candidate]:
-    from .classify import ComparisonRow, _fmt_value
-    from .train import evaluate_test_split, fit_on_cache, split_features
+    """Fit every feature set x classifier, through the fit store that
+    ``featx compare`` shares: an identical fit made by either is reused."""
+    from .classify import _fmt_value
+    from .train import FitStore, fit_or_reuse, split_features
     p, ds, manifest = plan.pipeline, plan.dataset, plan.manifest
     c = p.classifiers
     items = iter(plan.train)
     candidates = []
     total = len(plan.train)
+    store = FitStore(cache)
     n = 0
-    for bb in plan.backbones:
-        for spec in bb.specs:
-            data = None
-            for name in c["names"]:
-                item = next(items)
-                n += 1
-                at = f"[train {n}/{total}] {item.name}"
-                if item.action == "reuse":
-                    record = manifest.data["train"][item.key]
-                    r = record["row"]
-                    notify(f"{at}: reused {record['file']} ({_score_text(r)})")
-                    events.append(dataclasses.replace(item, action="reused"))
-                else:
-                    if data is None:
-                        data = split_features(cache, spec, ds)
-                    fit = fit_on_cache(name, cache, spec, data, classes=ds.classes, grid=c["grids"][name],
-                                       pca=c["pca"], cv=c["cv"], jobs=p.engine["jobs"], seed=p.dataset["seed"])
-                    metrics = evaluate_test_split(fit, cache, spec, data, ds.classes)
-                    dims = cache.info(spec.key).dim
-                    row = ComparisonRow.from_fit(
-                        fit, backbone=spec.backbone, layer=spec.layer, dims=dims, test_metrics=metrics,
-                        extract_seconds=(manifest.data["extract"].get(spec.key) or {}).get("seconds"))
-                    file = f"models/{item.key}.joblib"
-                    _atomic_dump_joblib(fit.pipeline, p.out_dir / file)
-                    record = _plain_json(_fit_record(fit, row, metrics, dims, spec, item.inputs, file,
-                                                   _file_sha(p.out_dir / file)))
-                    manifest.data["train"][item.key] = record
-                    manifest.save()
-                    notify(f"{at}: {fit.param_name}={_fmt_value(fit.chosen)}, {_score_text(record['row'])}, "
-                           f"fit {fit.fit_seconds:.2f} s")
-                    events.append(dataclasses.replace(item, action="computed"))
-                candidates.append(_Candidate.from_record(item.key, record, order=n))
+    for fset in _feature_sets(plan.backbones, c.get("_fused") or []):
+        data = None
+        for name in c["names"]:
+            item = next(items)
+            n += 1
+            at = f"[train {n}/{total}] {item.name}"
+            if item.action == "reuse":
+                record = manifest.data["train"][item.key]
+                r = record["row"]
+                notify(f"{at}: reused {record['file']} ({_score_text(r)})")
+                events.append(dataclasses.replace(item, action="reused"))
+            else:
+                if data is None:
+                    data = split_features(cache, fset, ds)
+                seconds = [(manifest.data["extract"].get(s.key) or {}).get("seconds") for s in fset.parts]
+                extract_seconds = None if all(x is None for x in seconds) else sum(x or 0.0 for x in seconds)
+                fitted, pipe, reused = fit_or_reuse(
+                    store, cache, fset, data, ds.classes, name, grid=c["grids"][name], pca=c["pca"], cv=c["cv"],
+                    jobs=p.engine["jobs"], seed=p.dataset["seed"], refit=c.get("final_fit", "train+val"),
+                    extract_seconds=extract_seconds, need_model=True)
+                file = f"models/{item.key}/model.json"
+                _save_model_atomically(pipe, p.out_dir / "models" / item.key)
+                record = _plain_json({**fitted, "inputs": _digest(item.inputs), "file": file,
+                                      "sha256": _file_sha(p.out_dir / file), "spec": fset.parts[0].canonical(),
+                                      "key": fset.key})
+                manifest.data["train"][item.key] = record
+                manifest.save()
+                f, r = record["fit"], record["row"]
+                how = "reused an identical fit from the fit store" if reused else f"fit {r['fit_seconds']:.2f} s"
+                notify(f"{at}: {f['param_name']}={_fmt_value(f['chosen'])}, {_score_text(r)}, {how}")
+                events.append(dataclasses.replace(item, action="computed"))
+            candidates.append(_Candidate.from_record(item.key, record, order=n))
     return candidates
 
 
@@ -1346,27 +1402,25 @@ def _comparison_rows(candidates, best):
 
 def _best_bundle(plan: Plan, best: _Candidate, bundle_path: Path):
     """Write the best model as a bundle: a classifier's via save_bundle, the fine-tuned one copied."""
-    import joblib
-
-    from .backbones import resolve_weights
+    from . import safemodel
     from .bundle import linear_manifest, save_bundle
     from .cache import FeatureSpec
-    from .classify import FitResult
+    from .train import FeatureSet, fit_from_record
     p, ds, manifest = plan.pipeline, plan.dataset, plan.manifest
     if best.model_id == "finetune":
         _copy_folder_atomically(p.out_dir / "finetune.featx", bundle_path)
         return
     record = manifest.data["train"][best.model_id]
-    spec = FeatureSpec.from_json(record["spec"])
-    pipe = joblib.load(p.out_dir / record["file"])
-    f = record["fit"]
-    fit = FitResult(pipe, f["name"], f["param_name"], f["chosen"], [tuple(x) for x in f["search"]], f["score_source"],
-                    f["val_score"], f["cv_score"], f["fit_seconds"], f["search_seconds"], list(f["notes"]))
-    b = next(bb.config for bb in plan.backbones if any(s.key == spec.key for s in bb.specs))
-    rw = resolve_weights(b["name"], b["weights"], seed=p.dataset["seed"])
-    m = linear_manifest(classes=ds.classes, spec=spec, weights_spec=b["weights"], resolved=rw,
-                        seed=p.dataset["seed"], dims=record["dims"], fit=fit, pca=p.classifiers["pca"], dataset=ds,
-                        test_metrics=record.get("test"))
+    specs = [FeatureSpec.from_json(x) for x in record.get("specs") or [record["spec"]]]
+    pipe = safemodel.load((p.out_dir / record["file"]).parent)
+    fit = fit_from_record(record, pipe)
+    parts = []
+    for spec in specs:
+        bb = next(bb for bb in plan.backbones if any(s.key == spec.key for s in bb.specs))
+        parts.append((spec, bb.rw, bb.config["weights"]))
+    m = linear_manifest(classes=ds.classes, spec=FeatureSet(tuple(specs)), weights_spec=parts[0][2],
+                        resolved=parts[0][1], seed=p.dataset["seed"], dims=record["dims"], fit=fit,
+                        pca=p.classifiers["pca"], dataset=ds, test_metrics=record.get("test"), parts=parts)
     m["pipeline"] = {"file": str(p.path.resolve()), "model": best.model_id}
     save_bundle(bundle_path, m, pipe)
 

@@ -234,7 +234,7 @@ def test_resolved_copy_round_trips(project):
 
 
 def _mtimes(folder: Path, pattern: str) -> dict:
-    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob(pattern))}
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.glob(pattern))}
 
 
 def _action(plan_line: str) -> str:
@@ -257,9 +257,9 @@ def test_plan_run_and_reuse(project):
         "extract   resnet18 layer3 (avg, fp32)            compute  24 of 24 images",
         "extract   resnet18 flatten (avg, fp32)           compute  24 of 24 images",
         "train     resnet18 layer3 logreg                 compute  C: 2 values",
-        "train     resnet18 layer3 linear-svm             compute  C: 6 values",
+        "train     resnet18 layer3 linear-svm             compute  C: 1e-06..1e+05 (adaptive)",
         "train     resnet18 flatten logreg                compute  C: 2 values",
-        "train     resnet18 flatten linear-svm            compute  C: 6 values",
+        "train     resnet18 flatten linear-svm            compute  C: 1e-06..1e+05 (adaptive)",
         "finetune  -                                      skip     no [finetune] table",
         "evaluate  best model on test                     compute  (best model known after training)",
         "report    report.html, metrics.json, comparison  compute",
@@ -288,7 +288,7 @@ def test_plan_run_and_reuse(project):
     bundle = json.loads((out / "best.featx" / "manifest.json").read_text())
     assert bundle["kind"] == "linear" and bundle["pipeline"]["file"] == str(project / "p.toml")
     entries = _mtimes(project / "cache", "*.h5")
-    models = _mtimes(out / "models", "*.joblib")
+    models = _mtimes(out / "models", "*/model.json")
     assert len(entries) == 2 and len(models) == 4
 
     # unchanged: nothing extracted, nothing trained, and it says what it reused
@@ -298,7 +298,7 @@ def test_plan_run_and_reuse(project):
     assert r.stderr.count(": reused models/") == 4
     assert "[report] reused" in r.stderr
     assert _summary_tail(r.stdout) == "computed: nothing; reused: 2 feature sets, 4 models, 1 evaluation, 1 report"
-    assert _mtimes(project / "cache", "*.h5") == entries and _mtimes(out / "models", "*.joblib") == models
+    assert _mtimes(project / "cache", "*.h5") == entries and _mtimes(out / "models", "*/model.json") == models
 
     # a classifier's grid changes: that classifier re-trains on both layers, nothing is extracted
     (project / "p.toml").write_text(PIPELINE.replace("logreg = [0.01, 0.1]", "logreg = [0.01, 1.0]"))
@@ -306,7 +306,8 @@ def test_plan_run_and_reuse(project):
     assert [_action(line) for line in plan] == ["cached", "cached", "compute", "reuse", "compute", "reuse",
                                                 "skip", "compute", "compute"]
     r = run("run", "p.toml", "-q")
-    assert _summary_tail(r.output) == "computed: 2 models, 1 evaluation, 1 report; reused: 2 feature sets, 2 models"
+    # the best model (ranked by val score, then val loss) is not a logreg one: its evaluation stands
+    assert _summary_tail(r.output) == "computed: 2 models, 1 report; reused: 2 feature sets, 2 models, 1 evaluation"
     assert _mtimes(project / "cache", "*.h5") == entries
 
     # a layer changes: only that layer is extracted, only its models are trained

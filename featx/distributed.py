@@ -452,10 +452,10 @@ def extract_dask(
                 "folder must be shared storage mounted at the same path on the driver and every worker")
         if run.failed:
             for spec in needed:
-                cache.consolidate(spec.key, spec)
+                cache.consolidate(spec.key, spec, notify=notify)
             raise FeatxError(_failure_message(run.failed, len(jobs), retries))
         for spec in specs:
-            cache.consolidate(spec.key, spec, manifest=manifest)
+            cache.consolidate(spec.key, spec, manifest=manifest, notify=notify)
     return ExtractReport(list(specs), keys, len(unique), len(unique) - len(todo), run.extracted, plan.resumed,
                          run.skipped, time.perf_counter() - t0, run.where, str(cache.root), run.runtime)
 

@@ -27,7 +27,8 @@ from PIL import Image
 from torch import nn
 
 from .backbones import LoadedBackbone, Preprocess, ResolvedWeights, get_backbone, load_backbone, resolve_weights
-from .cache import FORMAT_VERSION, FeatureCache, FeatureSpec, write_part_file
+from .cache import (FORMAT_VERSION, CacheWriteError, DiskFullError, FeatureCache, FeatureSpec, disk_full_error,
+                    write_part_file)
 from .data import Dataset, Sample, load_image
 from .errors import BackboneError, ConfigError, ImageError
 
@@ -463,13 +464,30 @@ def planned(cache: FeatureCache, specs: list[FeatureSpec], samples: list[Sample]
     local and the Dask extraction, so both resume and skip alike."""
     unique = _unique_samples(samples)
     with cache.locked([s.key for s in specs], notify=notify):
-        resumed = sum(cache.consolidate(s.key, s) for s in specs if cache.parts_dir(s.key).is_dir())
+        resumed = 0
+        for spec in specs:
+            if cache.parts_dir(spec.key).is_dir():
+                try:
+                    resumed += cache.consolidate(spec.key, spec, notify=notify)
+                except CacheWriteError as e:   # full or read-only: go on with what the entry holds
+                    notify(f"pending rows of {spec.key} not merged: {e}; going on with the rows already merged")
         if resumed:
             notify(f"resumed: {resumed} rows from an interrupted run merged into the cache")
+        # the rows this run would rely on are read through their checksums;
+        # damaged ones are dropped here and so extracted again
+        wanted = [s.id for s in unique]
+        for spec in specs:
+            bad = cache.damaged_rows(spec.key, wanted)
+            if bad and not cache.writable():
+                raise cache._damaged(spec.key, cache.path(spec.key), bad)
+            if bad:
+                cache.consolidate(spec.key, spec, notify=notify, repair=True)
         have = [set(cache.ids(s.key)) for s in specs]
         todo = [s for s in unique if not all(s.id in h for h in have)]
         # only the layers that miss something are computed
         needed = [spec for spec, h in zip(specs, have) if any(s.id not in h for s in todo)]
+        if todo:
+            cache.check_writable(f"{len(todo)} of the {len(unique)} images have no features there yet")
         yield Plan(unique, todo, needed, resumed)
 
 
@@ -548,14 +566,36 @@ def extract(
     with planned(cache, specs, samples, notify) as plan:
         if plan.todo:
             lb = loaded or load_backbone(info.name, resolved=rw, seed=seed)
-            extracted, skipped, used = _run(lb, plan.needed, plan.todo, cache, batch_size=batch_size, device=dev,
-                                            precision=precision, workers=workers, strict=strict,
-                                            progress=progress, notify=notify, compile=compile,
-                                            runtime=runtime)
+            try:
+                extracted, skipped, used = _run(lb, plan.needed, plan.todo, cache, batch_size=batch_size,
+                                                device=dev, precision=precision, workers=workers, strict=strict,
+                                                progress=progress, notify=notify, compile=compile,
+                                                runtime=runtime)
+            except DiskFullError:
+                raise disk_full_error(cache.root, _space_needed(cache, plan),
+                                      " (finished batches are kept)") from None
         for spec in specs:
-            cache.consolidate(spec.key, spec, manifest=manifest)
+            try:
+                cache.consolidate(spec.key, spec, manifest=manifest, notify=notify)
+            except CacheWriteError as e:
+                if plan.todo:
+                    raise
+                notify(f"{spec.key} left as it was: {e}; every feature asked for is there, going on")
     return ExtractReport(specs, [s.key for s in specs], len(plan.unique), len(plan.unique) - len(plan.todo),
                          extracted, plan.resumed, skipped, time.perf_counter() - t0, str(dev), str(cache.root), used)
+
+
+def _space_needed(cache: FeatureCache, plan: Plan) -> int:
+    """Bytes an extraction of ``plan`` still needs: its part files, plus
+    the merged entry written beside the old one."""
+    need = 0
+    for spec in plan.needed:
+        info = cache.info(spec.key)
+        parts = sum(p.stat().st_size for p in cache._parts(spec.key))
+        entry = info.size_bytes - parts
+        per_row = parts / info.pending_rows if info.pending_rows else (entry / info.n if info.n else 4096)
+        need += max(0, len(plan.todo) * per_row - parts) + (info.n + len(plan.todo)) * per_row
+    return int(need) + (1 << 20)
 
 
 def _autocast(dev: torch.device, precision: str):

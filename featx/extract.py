@@ -376,8 +376,10 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
-    """``auto``: bf16 (else fp16) on GPUs, bf16 on CPUs that have it natively,
-    otherwise fp32. The resolved value is what goes into the cache key."""
+    """``auto``: bf16 (else fp16) on GPUs, fp32 on CPUs (the fast CPU path is
+    ONNX Runtime in fp32, and the same command then fills the same cache
+    entries on every CPU machine; ``bf16`` is there to ask for on CPUs with
+    AMX or AVX512-BF16). The resolved value is what goes into the cache key."""
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
@@ -385,7 +387,7 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
     dev = resolve_device(device if isinstance(device, str) or device is None else str(device))
     if dev.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
 
 
 def feature_specs(backbone: str, weights: str | None = "auto", layers: list[str] | None = None,

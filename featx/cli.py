@@ -107,7 +107,7 @@ def extraction_options(f):
         click.option("--pool", default="avg", show_default=True, type=click.Choice(["avg", "max", "avgmax", "none"]),
                      help="How conv feature maps become vectors."),
         click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-                     help="Compute precision, part of the cache key; auto: bf16/fp16 on GPU, bf16 on CPUs with native bf16, else fp32."),
+                     help="Compute precision, part of the cache key; auto: bf16/fp16 on GPU, fp32 on CPU (bf16 is faster only on CPUs with AMX/AVX512-BF16; ask for it)."),
         click.option("--storage", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
                      help="dtype of stored features."),
         click.option("--batch-size", default=None, type=click.IntRange(1),
@@ -421,7 +421,12 @@ def check_names(backbones, layers=()) -> list[str]:
     from .extract import check_layers
     names = [get_backbone(b).name for b in backbones]
     for backbone, layer in layers:
-        check_layers(backbone, [layer])
+        if layer and "+" in layer:                   # a fusion: every part, on its own backbone
+            from .train import _train_request
+            for b, part in _train_request(backbone, layer):
+                check_layers(b, [part])
+        else:
+            check_layers(backbone, [layer])
     return names
 
 

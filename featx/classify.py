@@ -409,7 +409,9 @@ PARALLEL_MIN_WORK = 2e9
 def _workers_for(n_jobs, n, d, tasks, name):
     """joblib workers for a search: none for small problems (starting processes
     costs seconds), else what was asked."""
-    if n_jobs in (None, 1) or tasks < 2:
+    if n_jobs is None:
+        return None          # joblib's own default: one process, or every worker of a dask backend
+    if n_jobs == 1 or tasks < 2:
         return 1
     work = float(n) * d * tasks * (n if name in ("knn", "rbf-svm") else 10)
     return n_jobs if work >= PARALLEL_MIN_WORK else 1

@@ -590,7 +590,8 @@ def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, th
 
     from .distributed import engine as engine_for
     with engine_for(engine, scheduler, shard_size=shard_size, notify=echo_err) as extract_fn:
-        # with dask, extraction and every parameter search run on the cluster
+        # with dask, extraction and the joblib searches (knn, rbf-svm, PCA pipelines) run on the cluster;
+        # logreg and linear-svm search batched in torch, here
         result = compare(ds, requests, classifiers, grids=grids, pca=_pca_value(pca), cv=cv, jobs=jobs,
                          threads=threads, seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err,
                          refit=final_fit,

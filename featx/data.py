@@ -640,7 +640,7 @@ def open_dataset(
         samples, split_made = _make_split(samples, val_fraction, test_fraction, seed, keep_val=has_val)
     else:
         samples = [s if s.split else Sample(s.path, s.label, "train", s.id) for s in samples]
-    if labels and not any(s.split in ("val", "test") for s in samples):
+    if labels and val_fraction == 0 and test_fraction == 0 and not any(s.split in ("val", "test") for s in samples):
         raise ConfigError(f"{_text(root)}: --val-fraction 0 and --test-fraction 0 leave no images to evaluate on "
                           "(the dataset has no val or test split); give one of them a share")
     return Dataset(root, layout, classes, samples, split_made, skipped)

@@ -383,6 +383,51 @@ def _score_setting(name, params, pca, seed, X, y, train_idx, X_eval, y_eval):
 REFITS = ("train", "train+val")
 
 
+def _fit_linear_batched(pipe, name, C, X, y, threads) -> bool:
+    """Fit a logreg or calibrated linear-svm Pipeline with featx.probe's solver
+    (the objective scikit-learn's estimators minimise), filling in the very
+    attributes their ``fit`` sets; for linear-svm the calibration folds are
+    solved in the same batch and Platt scaling is fitted on their
+    out-of-fold decision values, as ``CalibratedClassifierCV(ensemble=False)``
+    does. False (nothing changed) when this scikit-learn's internals differ
+    from what it expects: the caller then fits with scikit-learn."""
+    import inspect
+
+    from sklearn.base import clone
+
+    from .probe import solve_final
+    try:
+        from sklearn.calibration import _fit_calibrator
+    except ImportError:
+        return False
+    classes = np.unique(y)
+    yi = _as_index_labels(y, classes)
+    scaler = pipe.named_steps["scale"]
+    clf = pipe.named_steps["clf"]
+    try:
+        Z = scaler.fit(X).transform(X)
+        if name == "logreg":
+            W, b, _ = solve_final("logreg", Z, yi, float(C), threads=threads)
+            clf.coef_, clf.intercept_ = W.T.copy(), b.copy()
+            clf.classes_, clf.n_features_in_, clf.n_iter_ = classes, Z.shape[1], np.array([0], dtype=np.int32)
+            return True
+        folds = list(clf.cv.split(Z, yi))
+        W, b, oof = solve_final("linear-svm", Z, yi, float(C), folds=folds, threads=threads)
+        svc = clone(clf.estimator)
+        svc.coef_, svc.intercept_ = W.T.copy(), b.copy()
+        svc.classes_, svc.n_features_in_, svc.n_iter_ = classes, Z.shape[1], 0
+        extra = {}
+        if "xp" in inspect.signature(_fit_calibrator).parameters:
+            from sklearn.utils._array_api import get_namespace
+            extra["xp"] = get_namespace(oof)[0]
+        clf.classes_ = classes
+        clf.calibrated_classifiers_ = [_fit_calibrator(svc, oof, y, classes, "sigmoid", **extra)]
+        clf.n_features_in_ = Z.shape[1]
+        return True
+    except (TypeError, AttributeError, ValueError):
+        return False
+
+
 def _test_rows(train_idx, n):
     mask = np.ones(n, dtype=bool)
     mask[train_idx] = False
@@ -589,9 +634,6 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
             val_score = best
         else:
             cv_score = best
-        if chosen in path.unconverged:
-            notes.append(f"the search's solver reached its iteration cap at {pn}={_fmt_value(chosen)}; "
-                         "its score may be pessimistic")
         low, high = min(values), max(values)
         if chosen <= low or chosen >= high:
             side = "smallest" if chosen <= low else "largest"
@@ -641,7 +683,13 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
         X_fit, y_fit = np.concatenate([X, splits[0][1]]), np.concatenate([y, splits[0][2]])
         fit_on = ("train", "val")
     t1 = time.perf_counter()
-    messages = _fit_quietly(pipe, X_fit, y_fit)
+    fitted = False
+    final = pipe.named_steps["clf"]
+    batched = (name == "logreg" or (name == "linear-svm" and isinstance(final, CalibratedClassifierCV)
+                                    and isinstance(final.cv, StratifiedKFold)))
+    if batched and pca is None and smallest >= 2:
+        fitted = _fit_linear_batched(pipe, name, chosen, X_fit, y_fit, _search_threads(n_jobs))
+    messages = [] if fitted else _fit_quietly(pipe, X_fit, y_fit)
     fit_seconds = time.perf_counter() - t1
     if messages:
         notes.append(f"final fit ({pn}={_fmt_value(chosen)}) did not converge: {messages[0]}")

@@ -42,7 +42,11 @@ __all__ = ["COARSE_GRID", "PathResult", "search_linear", "wide_grid"]
 KINDS = ("logreg", "linear-svm")
 COARSE_GRID = tuple(float(10.0 ** e) for e in range(-6, 6))     # 1e-6 .. 1e5
 # L-BFGS iterations per C (warm-started from the previous C)
-MAX_ITER = 150
+MAX_ITER = 100
+# L-BFGS stops when the largest gradient entry is below this (the objective is a
+# mean over rows, so this is a tolerance per row), or the objective stops moving
+TOL_GRAD = 1e-6
+TOL_CHANGE = 1e-10
 
 
 def wide_grid() -> tuple:
@@ -86,7 +90,7 @@ def _standardise(X_tr, X_ev):
 class _Problem:
     """All folds of one search as padded tensors, and the objective."""
 
-    def __init__(self, torch, kind, X, y, splits, n_classes):
+    def __init__(self, torch, kind, X, y, splits, n_classes, standardise=True):
         self.torch = torch
         self.kind = kind
         F = len(splits)
@@ -100,7 +104,8 @@ class _Problem:
         mtr = np.zeros((F, n_tr), np.float32)
         mev = np.zeros((F, n_ev), np.float32)
         for f, (tr, ev) in enumerate(splits):
-            a, b = _standardise(X[tr].astype(np.float64), X[ev].astype(np.float64))
+            a, b = (_standardise(X[tr].astype(np.float64), X[ev].astype(np.float64)) if standardise
+                    else (X[tr], X[ev]))
             Xtr[f, :len(tr)], Xev[f, :len(ev)] = a, b
             ytr[f, :len(tr)], yev[f, :len(ev)] = y[tr], y[ev]
             mtr[f, :len(tr)], mev[f, :len(ev)] = 1.0, 1.0
@@ -108,11 +113,12 @@ class _Problem:
         self.Xtr, self.Xev, self.ytr, self.yev = t(Xtr), t(Xev), t(ytr), t(yev)
         self.mtr, self.mev = t(mtr), t(mev)
         self.n_f = self.mtr.sum(1)                       # training rows per fold
-        self.n_ev_f = self.mev.sum(1)
+        self.n_ev_f = self.mev.sum(1).clamp(min=1)
         self.K = n_classes
         self.cols = 1 if n_classes == 2 else n_classes
         self.Ttr = self._targets(self.ytr)
         self.Tev = self._targets(self.yev)
+        self.evals = 0                                   # objective evaluations, all C together
         self.W = torch.zeros((F, d, self.cols), dtype=torch.float32, requires_grad=True)
         self.b = torch.zeros((F, 1, self.cols), dtype=torch.float32, requires_grad=True)
 
@@ -154,14 +160,13 @@ class _Problem:
         """L-BFGS from the current W, b; True when it converged before the cap."""
         torch = self.torch
         opt = torch.optim.LBFGS([self.W, self.b], lr=1, max_iter=max_iter, history_size=10,
-                                tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")
-        evals = [0]
+                                tolerance_grad=TOL_GRAD, tolerance_change=TOL_CHANGE, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
             loss = self.objective(C)
             loss.backward()
-            evals[0] += 1
+            self.evals += 1
             return loss
         opt.step(closure)
         state = opt.state[opt._params[0]]
@@ -177,15 +182,21 @@ class _Problem:
 
 
 def _past_the_best(tried: dict) -> bool:
-    """Whether walking on to larger C is pointless: the last 3 values are all
-    more than 2 standard errors below the best so far, or the held-out
-    accuracy has not moved and the loss has changed by under 0.1% for the
-    last 3 values (the solutions have saturated)."""
+    """Whether walking on to larger C is pointless: the last 2 values both
+    score below the best accuracy so far and have a higher held-out loss
+    than the lowest so far (the loss has a minimum in C and has risen past
+    it); or the last 3 values are all more than 2 standard errors below the
+    best; or the held-out accuracy has not moved and the loss has changed by
+    under 0.1% for the last 3 values (the solutions have saturated)."""
     vals = sorted(tried)
     if len(vals) < 4:
         return False
     scores = [tried[v][0] for v in vals]
     b = max(range(len(vals)), key=lambda i: scores[i])
+    lowest = min(range(len(vals)), key=lambda i: tried[vals[i]][2])
+    if max(b, lowest) < len(vals) - 2 and all(
+            tried[v][0] < scores[b] and tried[v][2] > tried[vals[lowest]][2] for v in vals[-2:]):
+        return True
     floor = scores[b] - 2 * tried[vals[b]][1]
     last = vals[-3:]
     if b < len(vals) - 3 and all(tried[v][0] < floor for v in last):
@@ -303,7 +314,7 @@ def _walk(torch, kind, X, y, folds, n_classes, values, single) -> PathResult:
         vals = sorted(tried)
         i = _choose(vals, *[[tried[v][j] for v in vals] for j in range(3)])
         e = round(math.log10(vals[i]) * 4)
-        fine = [float(10.0 ** (k / 4)) for k in range(e - 3, e + 4) if -24 <= k <= 20]
+        fine = [float(10.0 ** (k / 4)) for k in range(e - 2, e + 3) if -24 <= k <= 20]
         # start the refinement from the solution just below it, warm
         for C in fine:
             if C not in tried:
@@ -316,5 +327,44 @@ def _walk(torch, kind, X, y, folds, n_classes, values, single) -> PathResult:
     errors = [tried[v][1] for v in vals]
     losses = [tried[v][2] for v in vals]
     i = _choose(vals, scores, errors, losses)
-    return PathResult(vals, scores, errors, losses, vals[i], scores[i],
-                      "log-loss" if kind == "logreg" else "squared hinge", sorted(set(unconverged)))
+    result = PathResult(vals, scores, errors, losses, vals[i], scores[i],
+                        "log-loss" if kind == "logreg" else "squared hinge", sorted(set(unconverged)))
+    result.evaluations = prob.evals
+    result.state = states[vals[i]]
+    return result
+
+
+def solve_final(kind: str, Z, y, C: float, *, folds: Sequence[tuple[np.ndarray, np.ndarray]] = (),
+                threads: int | None = None):
+    """The final model at one C, and out-of-fold decision values for calibration.
+
+    ``Z``: features already standardised (by the Pipeline's fitted scaler),
+    ``y``: labels ``0..K-1``. Solves the full problem and each of ``folds``
+    (the calibration folds) in one batch. Returns ``(W, b, oof)``: ``W``
+    ``(d, K)`` (``(d, 1)`` for 2 classes), ``b`` ``(K,)``, and ``oof`` the
+    decision values of every row from the fold that held it out (None
+    without folds). Same objective as :func:`search_linear`.
+    """
+    import torch
+    Z = np.asarray(Z, dtype=np.float32)
+    y = np.asarray(y).astype(np.int64)
+    n_classes = int(y.max()) + 1
+    everything = np.arange(len(Z))
+    splits = [(everything, everything[:0])] + [(np.asarray(tr), np.asarray(ev)) for tr, ev in folds]
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        with torch.enable_grad():
+            prob = _Problem(torch, kind, Z, y, splits, n_classes, standardise=False)
+            prob.solve(C, max_iter=4 * MAX_ITER)
+        W = prob.W.detach().numpy().astype(np.float64)
+        b = prob.b.detach().numpy().astype(np.float64)[:, 0, :]
+    finally:
+        torch.set_num_threads(old_threads)
+    oof = None
+    if folds:
+        oof = np.zeros((len(Z), W.shape[2]))
+        for f, (_, ev) in enumerate(folds, start=1):
+            oof[ev] = Z[ev].astype(np.float64) @ W[f] + b[f]
+    return W[0], b[0], oof

@@ -268,3 +268,17 @@ cache = "{work['cache']}"
         pipeline.write_text(text.replace("FUSION", bad))
         r = _run("run", pipeline, "--dry-run")
         assert r.exit_code != 0 and "classifiers.features[0]" in r.output and words in r.output, r.output
+
+
+def test_the_batched_final_fit_matches_scikit_learns_own():
+    from featx.classify import make_pipeline_for
+    X, y = make_blobs(240, n_features=24, centers=3, cluster_std=7.0, random_state=5)
+    for name in ("logreg", "linear-svm"):
+        res = fit_classifier(name, X[:160], y[:160], X_val=X[160:200], y_val=y[160:200], grid=[0.01], refit="train")
+        ref = make_pipeline_for(name, {"C": 0.01}, seed=0)
+        if name == "linear-svm":
+            ref.set_params(clf__cv=res.pipeline.named_steps["clf"].cv)
+        ref.fit(X[:160], y[:160])
+        a, b = predict_proba(res.pipeline, X[200:]), predict_proba(ref, X[200:])
+        assert np.abs(a - b).max() < 0.02, name
+        assert np.mean(a.argmax(1) == b.argmax(1)) >= 0.95, name

@@ -784,10 +784,9 @@ def finetune_cmd(dataset, backbone, weights, epochs, freeze_epochs, lr, lr_mult,
                       weight_decay=weight_decay, augment=augment, bn=bn_mode, probe=probe_mode, device=device,
                       precision=precision, patience=patience, max_train_images=max_train_images,
                       image_size=image_size, seed=seed, workers=workers, cache=cache_dir, work_dir=work_dir,
-                      restart=restart, progress=not quiet, notify=echo_err)
+                      restart=restart, progress=not quiet, notify=echo_err,
+                      on_start=lambda header: (click.echo(header), sys.stdout.flush()))
     _echo_notes(result.notes)
-    click.echo(f"{result.manifest['backbone']['name']} from {result.manifest['backbone']['started_from']['identity']}: "
-               f"train {result.n_train}, val {result.n_val} ({result.val_source}); {result.bn_rule}")
     for line in summary_lines(result):
         click.echo(line)
     click.echo(f"wrote {result.bundle}")

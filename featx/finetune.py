@@ -626,7 +626,8 @@ def finetune(ds: Dataset, backbone: str, out, *, weights: str = "auto", epochs: 
              precision: str = "auto", patience: int = 3, max_train_images: int | None = None,
              image_size: int | None = None, warmup: float = 0.3, seed: int = 0, workers: int | None = None,
              cache="cache", work_dir=None, restart: bool = False, progress: bool = True, notify=None,
-             on_epoch_end: Callable[[dict, nn.Module], None] | None = None) -> FinetuneResult:
+             on_epoch_end: Callable[[dict, nn.Module], None] | None = None,
+             on_start: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune ``backbone`` on ``ds`` and write the bundle ``out``.
 
     Parameters
@@ -674,6 +675,10 @@ def finetune(ds: Dataset, backbone: str, out, *, weights: str = "auto", epochs: 
         the same settings is resumed; ``restart=True`` discards it.
     on_epoch_end : callable, optional
         ``on_epoch_end(record, model)`` after each epoch's checkpoint.
+    on_start : callable, optional
+        ``on_start(header)`` once the train/val split is known, before any
+        epoch: one line saying what is trained (backbone, weights, images,
+        the BatchNorm rule).
 
     Returns
     -------
@@ -721,6 +726,9 @@ def finetune(ds: Dataset, backbone: str, out, *, weights: str = "auto", epochs: 
                   else " (random init: no pretrained statistics to keep)"))
 
     train, val, val_source = _split_train_val(ds, max_train_images, seed)
+    if on_start is not None:
+        # what is trained, before any epoch line (so a piped log reads in order)
+        on_start(f"{info.name} from {rw.identity}: train {len(train)}, val {len(val)} ({val_source}); {bn_rule}")
     classes = list(ds.classes)
     y_train = ds.labels(train)
     y_val = ds.labels(val)

@@ -272,6 +272,11 @@ def test_cli_finetune_output_and_bundle(finetuned):
     assert out[1].startswith("start: linear-probe (logistic regression on flatten features extracted now (C=")
     assert out[2].startswith("best: ") and out[3].startswith("trained 1 epoch in ")
     assert out[-1] == f"wrote {finetuned['model']}"
+    # stdout and stderr in the order they were written: the header comes before the epochs
+    both = finetuned["result"].output.splitlines()
+    header = next(i for i, line in enumerate(both) if line.startswith("mobilenet_v2 from none:seed=0: train 12"))
+    first_epoch = next(i for i, line in enumerate(both) if line.lstrip().startswith("epoch"))
+    assert header < first_epoch
     files = sorted(p.name for p in finetuned["model"].iterdir())
     assert files == ["backbone.pt", "log.jsonl", "manifest.json", "training_curves.png"]
     m = json.loads((finetuned["model"] / "manifest.json").read_text())

@@ -19,8 +19,11 @@ solve:
 Each fold standardises with the mean and standard deviation of its own
 training rows, as the ``StandardScaler`` inside the fitted Pipeline does.
 
-The grid: C = 10^-6 .. 10^5 in decades, then quarter-decades around the best
-decade. The choice: the best mean accuracy, except that every C within one
+The grid: C = 10^-6 .. 10^5. The walk goes up in decades from 10^-4,
+stopping once the held-out loss has risen past its minimum (or the
+accuracy has clearly fallen, or the solutions have saturated); down
+towards 10^-6 only while the smallest C tried is the best; then
+quarter-decades around the best decade. The choice: the best mean accuracy, except that every C within one
 standard error of it counts as tied, and among the tied the one with the
 lowest held-out loss wins (log-loss for ``logreg``, squared hinge for
 ``linear-svm``), so the model kept gives usable probabilities rather than the
@@ -41,6 +44,7 @@ __all__ = ["COARSE_GRID", "PathResult", "search_linear", "wide_grid"]
 
 KINDS = ("logreg", "linear-svm")
 COARSE_GRID = tuple(float(10.0 ** e) for e in range(-6, 6))     # 1e-6 .. 1e5
+START = 1e-4          # where the coarse walk begins (it goes down from there only when needed)
 # L-BFGS iterations per C (warm-started from the previous C)
 MAX_ITER = 100
 # L-BFGS stops when the largest gradient entry is below this (the objective is a
@@ -293,9 +297,8 @@ def _walk(torch, kind, X, y, folds, n_classes, values, single) -> PathResult:
                 continue
             if stop_early and _past_the_best(tried):
                 break
-            below = [v for v in states if v < C]
-            if below:
-                prob.restore(states[max(below)])
+            if states:                       # warm: the nearest C solved so far
+                prob.restore(states[min(states, key=lambda v: abs(math.log(v / C)))])
             if not prob.solve(C):
                 unconverged.append(C)
             states[C] = prob.state()
@@ -310,18 +313,19 @@ def _walk(torch, kind, X, y, folds, n_classes, values, single) -> PathResult:
     if values is not None:
         run(sorted(float(v) for v in values))
     else:
-        run(COARSE_GRID, stop_early=True)
+        # up from 1e-4 (useful C on standardised CNN features sits well above it),
+        # then down towards 1e-6 only while the smallest C tried is the best
+        run([c for c in COARSE_GRID if c >= START], stop_early=True)
+        for C in sorted((c for c in COARSE_GRID if c < START), reverse=True):
+            vals = sorted(tried)
+            if _choose(vals, *[[tried[v][j] for v in vals] for j in range(3)]) != 0:
+                break
+            run([C])
         vals = sorted(tried)
         i = _choose(vals, *[[tried[v][j] for v in vals] for j in range(3)])
         e = round(math.log10(vals[i]) * 4)
         fine = [float(10.0 ** (k / 4)) for k in range(e - 2, e + 3) if -24 <= k <= 20]
-        # start the refinement from the solution just below it, warm
-        for C in fine:
-            if C not in tried:
-                below = [v for v in states if v < C]
-                if below:
-                    prob.restore(states[max(below)])
-                run([C])
+        run(fine)
     vals = sorted(tried)
     scores = [tried[v][0] for v in vals]
     errors = [tried[v][1] for v in vals]

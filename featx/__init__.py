@@ -25,7 +25,7 @@ _LAZY = {
     "resolve_weights": "backbones", "FeatureCache": "cache", "FeatureSpec": "cache", "Dataset": "data",
     "Sample": "data", "load_image": "data", "open_dataset": "data", "FeatxError": "errors",
     "extract": "extract", "feature_specs": "extract", "layer_table": "extract", "load_features": "extract",
-    "train": "api", "compare": "api", "evaluate": "api", "predict": "api", "load_bundle": "api",
+    "train": "api", "compare": "api", "evaluate": "api", "predict": "api", "load_bundle": "api", "audit": "api",
 }
 
 __all__ = ["__version__", *_LAZY]

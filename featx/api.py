@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["compare", "evaluate", "load_bundle", "predict", "train"]
+__all__ = ["audit", "compare", "evaluate", "load_bundle", "predict", "train"]
 
 
 def _dataset(dataset, cache, seed: int = 0):
@@ -312,3 +312,49 @@ def predict(model, images: str | os.PathLike | Sequence, *, threshold: float | N
                              threshold=threshold, top_k=top_k, cache=cache, weights=weights, progress=progress,
                              notify=notify, **options)
     return rows
+
+
+def audit(dataset, backbone: str = "mobilenet_v2", *, layer: str | None = None, weights: str = "auto", out=None,
+          near_threshold: float | None = None, outlier_z: float | None = None, folds: int = 5, seed: int = 0,
+          cache="cache", progress: bool = True, notify=None, **extract_options):
+    """Duplicates, likely label errors and outliers of a dataset, like ``featx audit``.
+
+    Parameters
+    ----------
+    dataset : Dataset, str or path-like
+        Labelled images.
+    backbone, layer, weights
+        The features audited (missing ones are extracted into ``cache`` first).
+    out : str or path-like, optional
+        Write duplicates.csv, label_issues.csv, outliers.csv and audit.html here.
+    near_threshold : float, optional
+        Cosine similarity from which two files are near duplicates
+        (default :data:`featx.audit.NEAR_THRESHOLD`, 0.95).
+    outlier_z : float, optional
+        Robust z-score of the kNN distance from which an image is an outlier (default 4).
+    folds, seed, cache, progress, notify, **extract_options
+        Folds of the out-of-fold probe; as for :func:`train`.
+
+    Returns
+    -------
+    featx.audit.AuditResult
+        ``duplicates``, ``label_issues``, ``outliers``: lists of records
+        (dicts with the CSV columns, plus ``leak``, ``given_probability``
+        and ``z``), ``settings``, ``seconds``.
+
+    Examples
+    --------
+    >>> import featx
+    >>> result = featx.audit("photos", "resnet18", weights="none", progress=False)
+    >>> result.duplicates, result.label_issues
+    ([], [])
+    """
+    from .audit import NEAR_THRESHOLD, OUTLIER_Z, run_audit, write_audit
+    ds = _dataset(dataset, cache, seed)
+    result = run_audit(ds, backbone, layer=layer, weights=weights, cache=cache,
+                       near_threshold=NEAR_THRESHOLD if near_threshold is None else near_threshold,
+                       outlier_z=OUTLIER_Z if outlier_z is None else outlier_z, folds=folds, seed=seed,
+                       progress=progress, notify=notify, **extract_options)
+    if out is not None:
+        write_audit(result, out)
+    return result

@@ -489,11 +489,13 @@ def _echo_extraction(backbone, report, n_layers):
 @click.option("--chunk-rows", default=4096, show_default=True, type=click.IntRange(1),
               help="Rows per partial_fit chunk for --classifier sgd (streamed from the cache).")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Bundle to write, e.g. model.featx.")
+@click.option("--drop-leaks", "drop_leaks", is_flag=True,
+              help="Leave out of val and test the images that are exact copies of train images (see `featx audit`).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @cache_option
 @dataset_options
-def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, final_fit, chunk_rows, out, quiet, cache_dir,
-              layout,
+def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, final_fit, chunk_rows, out, drop_leaks, quiet,
+              cache_dir, layout,
               label_regex, val_fraction, test_fraction, seed, **extraction):
     """Train a classifier on DATASET's cached features and write a model bundle.
 
@@ -512,9 +514,12 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, final_fi
     backbone = extraction.pop("backbone")
     result = train(ds, backbone, classifier, layer=layer, grid=values, pca=_pca_value(pca), cv=cv, jobs=jobs,
                    threads=threads, seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err,
-                   rows_per_chunk=chunk_rows, refit=final_fit,
+                   rows_per_chunk=chunk_rows, refit=final_fit, drop_leaks=drop_leaks,
                    on_extract=lambda report: _echo_extraction(report.specs[0].backbone, report, len(report.specs)),
                    **_extract_args(extraction))
+    if drop_leaks:
+        from .audit import without_leaks
+        ds = without_leaks(ds)             # what was trained and tested on, for the bundle's manifest
     fit = result.fit
     counts = ", ".join(f"{s} {n}" for s, n in result.counts.items())
     click.echo(f"features: {result.spec.backbone} {result.spec.layer}, {result.dims} dims; {counts}")
@@ -552,12 +557,14 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, final_fi
               help="Folder for compare.csv and compare.md [default: runs/compare-DATASET].")
 @click.option("--refit", is_flag=True,
               help="Fit everything again instead of reusing the results of identical earlier fits.")
+@click.option("--drop-leaks", "drop_leaks", is_flag=True,
+              help="Leave out of val and test the images that are exact copies of train images (see `featx audit`).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @engine_options
 @cache_option
 @dataset_options
-def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, threads, final_fit, out, refit, quiet,
-                engine,
+def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, threads, final_fit, out, refit, drop_leaks,
+                quiet, engine,
                 scheduler, shard_size, cache_dir, layout, label_regex, val_fraction, test_fraction, seed, **extraction):
     """Compare backbones x layers x classifiers on DATASET, best first.
 
@@ -594,7 +601,7 @@ def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, th
         # logreg and linear-svm search batched in torch, here
         result = compare(ds, requests, classifiers, grids=grids, pca=_pca_value(pca), cv=cv, jobs=jobs,
                          threads=threads, seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err,
-                         refit=final_fit,
+                         refit=final_fit, drop_leaks=drop_leaks,
                          reuse=not refit, on_extract=lambda b, report: _echo_extraction(b, report, len(report.specs)),
                          on_row=on_row, extract_fn=extract_fn, **_extract_args(extraction))
     if result.reused:
@@ -604,6 +611,49 @@ def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, th
     folder = Path(out) if out else Path("runs") / f"compare-{_slug(ds.name)}"
     write_table(result.rows, folder / "compare.csv", folder / "compare.md")
     click.echo(f"wrote {folder / 'compare.csv'} and {folder / 'compare.md'}")
+
+
+@cli.command("audit")
+@click.argument("dataset", type=click.Path())
+@extraction_options
+@click.option("--layer", "-l", default=None, help="Graph node whose features are audited [default: the penultimate layer].")
+@click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
+              help="Folder for duplicates.csv, label_issues.csv, outliers.csv and audit.html "
+                   "[default: runs/audit-DATASET].")
+@click.option("--near-threshold", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="Cosine similarity from which two files are near duplicates [default: 0.95, measured on "
+                   "clothing-small].")
+@click.option("--outlier-z", default=None, type=float,
+              help="Robust z-score of the kNN distance from which an image is an outlier [default: 4].")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(2), help="Folds of the out-of-fold probe.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@cache_option
+@dataset_options
+def audit_cmd(dataset, layer, out, near_threshold, outlier_z, folds, quiet, cache_dir, layout, label_regex,
+              val_fraction, test_fraction, seed, **extraction):
+    """Find duplicates (leaks across splits first), likely wrong labels and outliers in DATASET.
+
+    From the cached features of one layer (extracted first when missing):
+    exact copies (same content) and near copies (cosine similarity), the
+    images whose label an out-of-fold linear probe disagrees with (most
+    likely wrong first), and the images far from all others. Prints the
+    counts and the command that fixes the first finding of each kind.
+    """
+    from .audit import NEAR_THRESHOLD, OUTLIER_Z, run_audit, summary_lines, write_audit
+    from .data import _slug
+    check_runtime(extraction)
+    extraction["backbone"] = check_names([extraction["backbone"]], [(extraction["backbone"], layer)] if layer else [])[0]
+    ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
+    backbone = extraction.pop("backbone")
+    weights = extraction.pop("weights")
+    result = run_audit(ds, backbone, layer=layer, weights=weights, cache=cache_dir,
+                       near_threshold=NEAR_THRESHOLD if near_threshold is None else near_threshold,
+                       outlier_z=OUTLIER_Z if outlier_z is None else outlier_z, folds=folds, seed=seed,
+                       progress=not quiet, notify=echo_err, **_extract_args(extraction))
+    folder = Path(out) if out else Path("runs") / f"audit-{_slug(ds.name)}"
+    written = write_audit(result, folder)
+    for line in summary_lines(result, written):
+        click.echo(line)
 
 
 def _defaults_from_bundle(ctx, bundle, val_fraction, test_fraction, seed):

@@ -234,6 +234,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "evaluate": {
         "split": Key("str", "test", choices=("train", "val", "test", "all")),
         "top_k": Key("int", 5, check=_at_least(1)),
+        "drop_leaks": Key("bool", False),
     },
     "report": {
         "title": Key("str", None),
@@ -915,9 +916,12 @@ def _open_dataset(p: Pipeline, cache_dir: Path):
     from .cache import FeatureCache
     from .data import open_dataset
     d = p.dataset
-    return open_dataset(d["root"], d["layout"], label_regex=d["label_regex"], val_fraction=d["val_fraction"],
-                        test_fraction=d["test_fraction"], seed=d["seed"],
-                        hash_index=FeatureCache(cache_dir).hash_index)
+    ds = open_dataset(d["root"], d["layout"], label_regex=d["label_regex"], val_fraction=d["val_fraction"],
+                      test_fraction=d["test_fraction"], seed=d["seed"], hash_index=FeatureCache(cache_dir).hash_index)
+    if p.evaluate.get("drop_leaks"):       # val/test copies of train images: out of everything the run measures
+        from .audit import without_leaks
+        ds = without_leaks(ds)
+    return ds
 
 
 def _spec_label(spec) -> str:
@@ -1299,6 +1303,11 @@ def _stage_train(plan: Plan, cache, notify, events) -> list[_Candidate]:
     from .classify import _fmt_value
     from .train import FitStore, fit_or_reuse, split_features
     p, ds, manifest = plan.pipeline, plan.dataset, plan.manifest
+    from .audit import leak_message, split_leaks
+    leaks, dropped = split_leaks(ds), getattr(ds, "leaks_dropped", [])
+    if leaks or dropped:
+        notify("[train] " + leak_message(dropped or leaks, str(p.dataset["root"]), "[evaluate] drop_leaks = true",
+                                         dropped=bool(dropped)))
     c = p.classifiers
     items = iter(plan.train)
     candidates = []

@@ -624,7 +624,8 @@ def _train_request(backbone: str, layer: str | None) -> Request:
 def train(ds: Dataset, backbone: str, classifier: str, *, weights: str = "auto", layer: str | None = None,
           grid=None, pca=None, cv: int = 5, jobs: int | None = None, seed: int = 0, cache="cache",
           progress: bool = True, notify=None, on_extract=None, rows_per_chunk: int = 4096,
-          threads: int | None = 1, refit: str = "train+val", extract_fn=None, **extract_options) -> TrainResult:
+          threads: int | None = 1, refit: str = "train+val", extract_fn=None, drop_leaks: bool = False,
+          **extract_options) -> TrainResult:
     """Extract what is missing, choose the parameter, fit, measure on test.
 
     ``layer`` may be a fusion, ``A+B`` (each part ``LAYER`` of ``backbone``
@@ -636,9 +637,14 @@ def train(ds: Dataset, backbone: str, classifier: str, *, weights: str = "auto",
     is called when each backbone's features are ready; ``threads``: see
     :func:`fit_threads`. Write the result with
     ``save_bundle(path, result.manifest(ds), result.fit.pipeline)``.
+    Exact copies shared by train and val/test are warned about in one line
+    (``notify``); ``drop_leaks`` leaves them out of val and test
+    (:func:`featx.audit.check_leaks`).
     """
+    from .audit import check_leaks
     from .backbones import resolve_weights
     get_classifier_spec(classifier)
+    ds = check_leaks(ds, drop_leaks, notify)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     request = _train_request(backbone, layer)
 
@@ -694,7 +700,8 @@ def compare(ds: Dataset, layers, classifiers: Sequence[str], *,
             weights: str = "auto", grids: dict[str, list] | None = None, pca=None, cv: int = 5,
             jobs: int | None = None, seed: int = 0, cache="cache", progress: bool = True, notify=None,
             on_extract=None, on_row=None, rows_per_chunk: int = 4096, threads: int | None = 1,
-            reuse: bool = True, extract_fn=None, refit: str = "train+val", **extract_options) -> CompareResult:
+            reuse: bool = True, extract_fn=None, refit: str = "train+val", drop_leaks: bool = False,
+            **extract_options) -> CompareResult:
     """Every feature set x classifier, from cached features, ranked by val/CV score.
 
     ``layers``: the feature sets, as :func:`parse_features` gives them, or
@@ -713,14 +720,17 @@ def compare(ds: Dataset, layers, classifiers: Sequence[str], *,
     (``<cache>/results/``), which ``featx run`` shares; with ``reuse`` an
     identical fit is read back, not redone, so a repeated comparison
     finishes in seconds. ``row.fit_seconds`` stays the time of the
-    original fit (search, calibration and final fit).
+    original fit (search, calibration and final fit). ``drop_leaks``: see
+    :func:`train`.
     """
+    from .audit import check_leaks
     from .classify import rank_rows
     for name in classifiers:
         get_classifier_spec(name)
     if not classifiers:
         raise ConfigError("give at least one --classifier")
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    ds = check_leaks(ds, drop_leaks, notify)
     requests = _requests_from(layers)
     sets, reports = _extract_requests(ds, requests, weights_for=lambda b: weights, cache=cache, seed=seed,
                                       progress=progress, notify=notify, on_extract=on_extract,

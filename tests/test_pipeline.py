@@ -90,7 +90,7 @@ MISTAKES = {
                     "file), or featx:NAME for a dataset shipped with featx"),
     "missing table": ('[dataset]\npath = "data"\n', "p.toml: backbones: missing; add a [[backbones]] table"),
     "not allowed": (BASE.replace('weights = "none"', 'weights = "none"\npool = "mean"'),
-                    'p.toml: backbones[0].pool: "mean" is not allowed; use one of avg, max, avgmax, none'),
+                    'p.toml: backbones[0].pool: "mean" is not allowed; use one of avg, max, avgmax, none, cls'),
     "out of range": (BASE.replace("[classifiers]", "[classifiers]\ncv = 1"),
                      "p.toml: classifiers.cv: 1 must be at least 2"),
     "fractions": (BASE.replace('path = "data"', 'path = "data"\nval_fraction = 0.5\ntest_fraction = 0.5'),
@@ -98,7 +98,10 @@ MISTAKES = {
     "unknown backbone": (BASE.replace('"resnet18"', '"resnet19"'),
                          'p.toml: backbones[0].name: "resnet19" is not allowed (did you mean resnet18?); use one of '
                          "resnet18, resnet34, resnet50, vgg16, vgg16_bn, alexnet, inception_v3, mobilenet_v2, "
-                         "mobilenet_v3_large, efficientnet_b0, densenet121, squeezenet1_1, efficientnet_lite0"),
+                         "mobilenet_v3_large, efficientnet_b0, densenet121, squeezenet1_1, efficientnet_lite0, "
+                         "efficientnet_lite1, efficientnet_lite2, convnext_tiny, convnext_small, convnext_base, "
+                         "efficientnet_v2_s, efficientnet_v2_m, regnet_y_1_6gf, regnet_y_16gf, vit_b_16, vit_l_16, "
+                         "swin_t, swin_s, maxvit_t, dinov2_vits14, dinov2_vitb14"),
     "unknown layer": (BASE.replace('"layer3"', '"layer9"'),
                       'p.toml: backbones[0].layers[0]: no layer "layer9" in resnet18 (did you mean layer4, layer3, '
                       "layer2?); list them with `featx layers resnet18`"),

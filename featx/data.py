@@ -518,6 +518,40 @@ def _check_fractions(val_fraction: float, test_fraction: float):
                           f"{val_fraction + test_fraction:g}: must be below 1 (train needs images)")
 
 
+# --------------------------------------------------------------------------
+# datasets shipped inside the package: featx:NAME in every command and pipeline
+
+PACKAGE_DATASET_PREFIX = "featx:"
+
+
+def package_datasets() -> list[str]:
+    """Names of the datasets that ship inside featx (``featx:NAME``)."""
+    folder = Path(__file__).parent / "datasets"
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))) \
+        if folder.is_dir() else []
+
+
+def resolve_path(text: str, base: str | os.PathLike | None = None) -> Path:
+    """An absolute, normalised path; a relative one is taken relative to ``base``."""
+    p = Path(text).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = Path(base) / p
+    return Path(os.path.normpath(p.absolute()))
+
+
+def resolve_dataset_path(text: str, base: str | os.PathLike | None = None) -> Path:
+    """``featx:NAME`` -> the dataset shipped in the package; anything else is a
+    path, relative to ``base`` (e.g. a pipeline file's folder) unless absolute."""
+    if text.startswith(PACKAGE_DATASET_PREFIX):
+        name = text[len(PACKAGE_DATASET_PREFIX):]
+        known = package_datasets()
+        if name not in known:
+            raise ConfigError(f"{text}: featx ships no dataset {name!r}; it ships "
+                              + ", ".join(PACKAGE_DATASET_PREFIX + k for k in known))
+        return Path(__file__).parent / "datasets" / name
+    return resolve_path(text, base)
+
+
 def open_dataset(
     path: str | os.PathLike | list,
     layout: str = "auto",
@@ -533,8 +567,9 @@ def open_dataset(
 
     Parameters
     ----------
-    path : folder or .csv manifest; with ``labels=False`` also one image or
-        a list of images and folders (layout ``none``)
+    path : folder or .csv manifest, or ``featx:NAME`` for a dataset shipped
+        with featx; with ``labels=False`` also one image or a list of images
+        and folders (layout ``none``)
     layout : one of ``auto, csv, split-folders, folders, filenames, none``
     label_regex : for ``filenames``: regex whose group ``label`` (or first
         group) is the class name.
@@ -557,7 +592,7 @@ def open_dataset(
         raise DatasetError("no images given")
     paths = []
     for p in given:
-        p = Path(p).expanduser()
+        p = resolve_dataset_path(str(p)) if str(p).startswith(PACKAGE_DATASET_PREFIX) else Path(p).expanduser()
         if not p.exists():
             raise DatasetError(f"{_text(p)}: no such file or folder")
         paths.append(p.resolve())

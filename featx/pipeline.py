@@ -67,7 +67,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .data import PACKAGE_DATASET_PREFIX, package_datasets, resolve_dataset_path, resolve_path  # noqa: F401
 from .errors import ConfigError, FeatxError
+from .options import CLASSIFY, DATASET, EXTRACT, FINETUNE, LAYOUTS, POOLS, PRECISIONS, STORAGES  # noqa: F401
 
 __all__ = [
     "FORCE_STAGES", "PACKAGE_DATASET_PREFIX", "Pipeline", "Plan", "PlanItem", "RunResult", "SCHEMA",
@@ -77,42 +79,9 @@ __all__ = [
 
 STAGES = ("extract", "train", "finetune", "evaluate", "report")
 FORCE_STAGES = STAGES + ("all",)
-PACKAGE_DATASET_PREFIX = "featx:"
 MANIFEST_NAME = "stages.json"
 MANIFEST_FORMAT = 1
 REQUIRED = object()
-
-
-# --------------------------------------------------------------------------
-# datasets shipped inside the package
-
-
-def package_datasets() -> list[str]:
-    """Names of the datasets that ship inside featx (``featx:NAME``)."""
-    folder = Path(__file__).parent / "datasets"
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))) \
-        if folder.is_dir() else []
-
-
-def resolve_path(text: str, base: str | os.PathLike | None = None) -> Path:
-    """An absolute, normalised path; a relative one is taken relative to ``base``."""
-    p = Path(text).expanduser()
-    if not p.is_absolute() and base is not None:
-        p = Path(base) / p
-    return Path(os.path.normpath(p.absolute()))
-
-
-def resolve_dataset_path(text: str, base: str | os.PathLike | None = None) -> Path:
-    """``featx:NAME`` -> the dataset shipped in the package; anything else is a
-    path, relative to ``base`` (the pipeline file's folder) unless absolute."""
-    if text.startswith(PACKAGE_DATASET_PREFIX):
-        name = text[len(PACKAGE_DATASET_PREFIX):]
-        known = package_datasets()
-        if name not in known:
-            raise ConfigError(f"{text}: featx ships no dataset {name!r}; it ships "
-                              + ", ".join(PACKAGE_DATASET_PREFIX + k for k in known))
-        return Path(__file__).parent / "datasets" / name
-    return resolve_path(text, base)
 
 
 # --------------------------------------------------------------------------
@@ -139,17 +108,6 @@ class Key:
 
 def _at_least(n):
     return lambda v: None if v >= n else f"must be at least {n}"
-
-
-def _fraction(lo_open: bool):
-    def check(v):
-        ok = (0 < v < 1) if lo_open else (0 <= v < 1)
-        return None if ok else ("must be between 0 and 1 (exclusive)" if lo_open else "must be in [0, 1)")
-    return check
-
-
-def _positive(v):
-    return None if v > 0 else "must be positive"
 
 
 def _regex(v):
@@ -180,56 +138,39 @@ def _classifier_names():
     return list(CLASSIFIERS)
 
 
-LAYOUTS = ("auto", "csv", "split-folders", "folders", "filenames")
-POOLS = ("avg", "max", "avgmax", "none", "cls")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STORAGES = ("float32", "float16")
+def _keys(options, table: str) -> dict[str, Key]:
+    """Schema keys generated from featx.options: one declaration per option."""
+    from .options import problem
+    return {o.name: Key(o.kind, o.default, choices=o.choices,
+                        check=(lambda v, o=o: problem(o, v)) if o.low is not None or o.high is not None else None)
+            for o in options if o.table == table}
+
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "dataset": {
         "path": Key("str", REQUIRED, what="the dataset folder or CSV manifest (relative to this file), "
                                           "or featx:NAME for a dataset shipped with featx"),
-        "layout": Key("str", "auto", choices=LAYOUTS),
+        **_keys(DATASET, "dataset"),
         "label_regex": Key("str", None, check=_regex),
-        "val_fraction": Key("float", 0.15, check=_fraction(False)),
-        "test_fraction": Key("float", 0.15, check=_fraction(True)),
-        "seed": Key("int", 0),
     },
     "backbones": {
         "name": Key("str", REQUIRED, choices=_backbone_names, what="a backbone (see `featx backbones`)"),
         "weights": Key("str", "auto"),
         "layers": Key("str_list", None, check=_non_empty),
-        "pool": Key("str", "avg", choices=POOLS),
-        "precision": Key("str", "auto", choices=PRECISIONS),
-        "storage": Key("str", "float32", choices=STORAGES),
+        **_keys(EXTRACT, "backbones"),
     },
     "classifiers": {
         "names": Key("str_list", ["logreg"], choices=_classifier_names, check=_non_empty),
         "grids": Key("table", {}),
-        "cv": Key("int", 5, check=_at_least(2)),
+        **_keys(CLASSIFY, "classifiers"),
         "pca": Key("number", None, check=_pca),
         "features": Key("str_list", [], what="fused feature sets, each \"A+B\" with parts LAYER or BACKBONE:LAYER"),
-        "final_fit": Key("str", "train+val", choices=("train", "train+val")),
     },
     "finetune": {
         "enabled": Key("bool", True),
         "backbone": Key("str", None, choices=_backbone_names),
         "weights": Key("str", None),
-        "epochs": Key("int", 5, check=_at_least(1)),
-        "freeze_epochs": Key("int", None, check=_at_least(0)),
-        "lr": Key("float", None, check=_positive),
-        "lr_mult": Key("float", 10.0, check=_at_least(1)),
-        "lr_groups": Key("int", 4, check=_at_least(1)),
-        "batch_size": Key("int", 32, check=_at_least(2)),
-        "optimizer": Key("str", "adamw", choices=("adamw", "sgd")),
-        "weight_decay": Key("float", None, check=_at_least(0)),
-        "augment": Key("str", "light", choices=("light", "standard", "none")),
-        "bn": Key("str", "auto", choices=("auto", "train", "frozen")),
-        "probe": Key("str", "auto", choices=("auto", "on", "off")),
-        "precision": Key("str", "auto", choices=PRECISIONS),
-        "patience": Key("int", 3, check=_at_least(0)),
-        "max_train_images": Key("int", None, check=_at_least(2)),
-        "image_size": Key("int", None, check=_at_least(32)),
+        **_keys(FINETUNE, "finetune"),
     },
     "evaluate": {
         "split": Key("str", "test", choices=("train", "val", "test", "all")),
@@ -249,12 +190,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "kind": Key("str", "local", choices=("local", "dask")),
         "scheduler": Key("str", None),
         "shard_size": Key("int", None, check=_at_least(1)),
-        "device": Key("str", "auto"),
-        "batch_size": Key("int", None, check=_at_least(1)),
-        "workers": Key("int", None, check=_at_least(0)),
-        "compile": Key("str", "auto", choices=("auto", "on", "off")),
-        "runtime": Key("str", "auto", choices=("auto", "torch", "onnx")),
-        "jobs": Key("int", -1),
+        **_keys(EXTRACT, "engine"),
+        **_keys(CLASSIFY, "engine"),
     },
 }
 REQUIRED_TABLES = ("dataset", "backbones")
@@ -1332,7 +1269,7 @@ def _stage_train(plan: Plan, cache, notify, events) -> list[_Candidate]:
                 extract_seconds = None if all(x is None for x in seconds) else sum(x or 0.0 for x in seconds)
                 fitted, pipe, reused = fit_or_reuse(
                     store, cache, fset, data, ds.classes, name, grid=c["grids"][name], pca=c["pca"], cv=c["cv"],
-                    jobs=p.engine["jobs"], seed=p.dataset["seed"], refit=c.get("final_fit", "train+val"),
+                    jobs=p.engine["jobs"], seed=p.dataset["seed"], final_fit=c.get("final_fit", "train+val"),
                     extract_seconds=extract_seconds, need_model=True)
                 file = f"models/{item.key}/model.json"
                 _save_model_atomically(pipe, p.out_dir / "models" / item.key)

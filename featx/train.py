@@ -368,10 +368,10 @@ def fit_sgd_streamed(cache: FeatureCache, key, data: dict[str, SplitFeatures], *
 
 def fit_on_cache(classifier: str, cache: FeatureCache, spec, data: dict[str, SplitFeatures], *,
                  classes: Sequence[str], grid=None, pca=None, cv: int = 5, jobs: int | None = None,
-                 seed: int = 0, rows_per_chunk: int = 4096, refit: str = "train+val") -> FitResult:
+                 seed: int = 0, rows_per_chunk: int = 4096, final_fit: str = "train+val") -> FitResult:
     """Fit ``classifier`` on the train split of ``data`` (val split for selection when present).
 
-    ``spec``: a FeatureSpec or a :class:`FeatureSet` (fusion). ``refit``:
+    ``spec``: a FeatureSpec or a :class:`FeatureSet` (fusion). ``final_fit``:
     what the final model is fitted on once the parameter is chosen (see
     :func:`featx.classify.fit_classifier`; sgd always fits on train)."""
     get_classifier_spec(classifier)
@@ -390,7 +390,7 @@ def fit_on_cache(classifier: str, cache: FeatureCache, spec, data: dict[str, Spl
         val = data.get("val")
         Xv, yv = (read_features(cache, fset, val.ids), val.y) if val is not None and len(val) else (None, None)
         fit = fit_classifier(classifier, X, tr.y, X_val=Xv, y_val=yv, grid=grid, pca=pca, cv=cv,
-                             n_jobs=jobs, seed=seed, class_names=list(classes), refit=refit)
+                             n_jobs=jobs, seed=seed, class_names=list(classes), final_fit=final_fit)
     if absent:
         names = ", ".join(repr(c) for c in absent)
         fit.notes.append(f"class {names} has no train images: never predicted" if len(absent) == 1 else
@@ -470,7 +470,7 @@ class FitStore:
         self.root = cache.root / "results"
 
     def digest(self, fset, data: dict[str, SplitFeatures], classifier: str, *, grid, pca, cv: int, seed: int,
-               refit: str, rows_per_chunk: int) -> str:
+               final_fit: str, rows_per_chunk: int) -> str:
         import sklearn
         import torch
 
@@ -482,7 +482,7 @@ class FitStore:
         estimator = sorted((k, repr(v)) for k, v in registered.build(seed).get_params(deep=False).items())
         what = {"features": fset.canonical(), "rows": rows, "classifier": classifier, "estimator": estimator,
                 "grid": list(grid) if grid else "default", "pca": None if classifier == "sgd" else pca, "cv": cv,
-                "seed": seed, "refit": refit if "val" in data and classifier != "sgd" else "train",
+                "seed": seed, "refit": final_fit if "val" in data and classifier != "sgd" else "train",
                 "chunk_rows": rows_per_chunk if classifier == "sgd" else None,
                 "featx": __version__, "scikit-learn": sklearn.__version__, "torch": torch.__version__.split("+")[0]}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
@@ -553,7 +553,7 @@ def fit_from_record(record: dict, pipeline) -> FitResult:
 
 def fit_or_reuse(store: FitStore, cache: FeatureCache, fset, data: dict[str, SplitFeatures], classes, name: str, *,
                  grid=None, pca=None, cv: int = 5, jobs=None, seed: int = 0, rows_per_chunk: int = 4096,
-                 refit: str = "train+val", threads: int | None = 1, reuse: bool = True,
+                 final_fit: str = "train+val", threads: int | None = 1, reuse: bool = True,
                  extract_seconds: float | None = None, need_model: bool = False):
     """One comparison row: read back from ``store`` when an identical fit is
     there (``reuse``), else fitted, measured on test and stored.
@@ -562,7 +562,7 @@ def fit_or_reuse(store: FitStore, cache: FeatureCache, fset, data: dict[str, Spl
     stored record without a usable model is fitted again."""
     fset = FeatureSet.of(fset)
     pca = None if name == "sgd" else pca
-    digest = store.digest(fset, data, name, grid=grid, pca=pca, cv=cv, seed=seed, refit=refit,
+    digest = store.digest(fset, data, name, grid=grid, pca=pca, cv=cv, seed=seed, final_fit=final_fit,
                           rows_per_chunk=rows_per_chunk)
     if reuse:
         record = store.get(digest)
@@ -573,7 +573,7 @@ def fit_or_reuse(store: FitStore, cache: FeatureCache, fset, data: dict[str, Spl
                 return record, model, True
     with fit_threads(threads):
         fit = fit_on_cache(name, cache, fset, data, classes=classes, grid=grid, pca=pca, cv=cv, jobs=jobs, seed=seed,
-                           rows_per_chunk=rows_per_chunk, refit=refit)
+                           rows_per_chunk=rows_per_chunk, final_fit=final_fit)
         metrics = evaluate_test_split(fit, cache, fset, data, classes)
     dims = fset.dims(cache)
     row = ComparisonRow.from_fit(fit, backbone=fset.backbone, layer=fset.layer, dims=dims, test_metrics=metrics,
@@ -624,13 +624,13 @@ def _train_request(backbone: str, layer: str | None) -> Request:
 def train(ds: Dataset, backbone: str, classifier: str, *, weights: str = "auto", layer: str | None = None,
           grid=None, pca=None, cv: int = 5, jobs: int | None = None, seed: int = 0, cache="cache",
           progress: bool = True, notify=None, on_extract=None, rows_per_chunk: int = 4096,
-          threads: int | None = 1, refit: str = "train+val", extract_fn=None, drop_leaks: bool = False,
+          threads: int | None = 1, final_fit: str = "train+val", extract_fn=None, drop_leaks: bool = False,
           **extract_options) -> TrainResult:
     """Extract what is missing, choose the parameter, fit, measure on test.
 
     ``layer`` may be a fusion, ``A+B`` (each part ``LAYER`` of ``backbone``
     or ``BACKBONE:LAYER``; other backbones run with their default weights).
-    ``refit``: the final model's rows once the parameter is chosen,
+    ``final_fit``: the final model's rows once the parameter is chosen,
     ``"train+val"`` (default) or ``"train"``.
     ``extract_options`` (pool, precision, storage, batch_size, device,
     workers, ...) go to :func:`featx.extract.extract`; ``on_extract(report)``
@@ -659,7 +659,7 @@ def train(ds: Dataset, backbone: str, classifier: str, *, weights: str = "auto",
     data = split_features(cache, fset, ds)
     with fit_threads(threads):
         fit = fit_on_cache(classifier, cache, fset, data, classes=ds.classes, grid=grid, pca=pca, cv=cv,
-                           jobs=jobs, seed=seed, rows_per_chunk=rows_per_chunk, refit=refit)
+                           jobs=jobs, seed=seed, rows_per_chunk=rows_per_chunk, final_fit=final_fit)
         metrics = evaluate_test_split(fit, cache, fset, data, ds.classes)
     return TrainResult(fit, fset, parts[0][1], weights, fset.dims(cache), reports[fset.parts[0].backbone],
                        {s: len(d) for s, d in data.items()}, sum(d.missing for d in data.values()),
@@ -700,7 +700,7 @@ def compare(ds: Dataset, layers, classifiers: Sequence[str], *,
             weights: str = "auto", grids: dict[str, list] | None = None, pca=None, cv: int = 5,
             jobs: int | None = None, seed: int = 0, cache="cache", progress: bool = True, notify=None,
             on_extract=None, on_row=None, rows_per_chunk: int = 4096, threads: int | None = 1,
-            reuse: bool = True, extract_fn=None, refit: str = "train+val", drop_leaks: bool = False,
+            reuse: bool = True, extract_fn=None, final_fit: str = "train+val", drop_leaks: bool = False,
             **extract_options) -> CompareResult:
     """Every feature set x classifier, from cached features, ranked by val/CV score.
 
@@ -714,7 +714,7 @@ def compare(ds: Dataset, layers, classifiers: Sequence[str], *,
     ``on_row(row)`` are called as each extraction and each result is done.
     ``extract_options`` (pool, precision, storage, batch_size, device,
     workers, ...) go to :func:`featx.extract.extract`; ``threads``: see
-    :func:`fit_threads`; ``refit``: see :func:`train`.
+    :func:`fit_threads`; ``final_fit``: see :func:`train`.
 
     Results are kept in the :class:`FitStore` beside the features
     (``<cache>/results/``), which ``featx run`` shares; with ``reuse`` an
@@ -743,7 +743,7 @@ def compare(ds: Dataset, layers, classifiers: Sequence[str], *,
         for name in classifiers:
             record, _, was_reused = fit_or_reuse(
                 store, cache, fset, data, ds.classes, name, grid=(grids or {}).get(name), pca=pca, cv=cv, jobs=jobs,
-                seed=seed, rows_per_chunk=rows_per_chunk, refit=refit, threads=threads, reuse=reuse,
+                seed=seed, rows_per_chunk=rows_per_chunk, final_fit=final_fit, threads=threads, reuse=reuse,
                 extract_seconds=_extract_seconds(fset, reports))
             row = ComparisonRow(**{**record["row"], "notes": list(record["row"].get("notes") or [])})
             if name == "sgd" and pca is not None and not was_reused:

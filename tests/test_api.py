@@ -38,7 +38,7 @@ def test_docstring_examples_run(workdir, monkeypatch):
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     tests = [t for t in finder.find(featx.api) if t.examples]
     names = sorted(t.name.rsplit(".", 1)[-1] for t in tests)
-    assert names == ["api", "compare", "evaluate", "load_bundle", "predict", "train"]
+    assert names == ["api", "audit", "compare", "evaluate", "load_bundle", "predict", "train"]
     for t in tests:
         runner.run(t)
     result = runner.summarize(verbose=False)

@@ -10,7 +10,9 @@ from featx.errors import did_you_mean
 from featx.extract import layer_table
 
 KNOWN = ("resnet18, resnet34, resnet50, vgg16, vgg16_bn, alexnet, inception_v3, mobilenet_v2, mobilenet_v3_large, "
-         "efficientnet_b0, densenet121, squeezenet1_1, efficientnet_lite0")
+         "efficientnet_b0, densenet121, squeezenet1_1, efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, "
+         "convnext_tiny, convnext_small, convnext_base, efficientnet_v2_s, efficientnet_v2_m, regnet_y_1_6gf, "
+         "regnet_y_16gf, vit_b_16, vit_l_16, swin_t, swin_s, maxvit_t, dinov2_vits14, dinov2_vitb14")
 
 
 def run(*args):

@@ -95,12 +95,12 @@ def test_fit_seconds_is_the_whole_row():
 
 def test_refit_on_train_and_val():
     X, y = make_blobs(120, n_features=8, centers=2, random_state=4)
-    a = fit_classifier("logreg", X[:80], y[:80], X_val=X[80:], y_val=y[80:], grid=[0.1], refit="train+val")
-    b = fit_classifier("logreg", X[:80], y[:80], X_val=X[80:], y_val=y[80:], grid=[0.1], refit="train")
+    a = fit_classifier("logreg", X[:80], y[:80], X_val=X[80:], y_val=y[80:], grid=[0.1], final_fit="train+val")
+    b = fit_classifier("logreg", X[:80], y[:80], X_val=X[80:], y_val=y[80:], grid=[0.1], final_fit="train")
     assert a.fit_on == ("train", "val") and b.fit_on == ("train",)
     np.testing.assert_allclose(a.pipeline.named_steps["scale"].mean_, X.mean(0))
     with pytest.raises(ConfigError):
-        fit_classifier("logreg", X, y, refit="everything")
+        fit_classifier("logreg", X, y, final_fit="everything")
 
 
 # --------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_the_batched_final_fit_matches_scikit_learns_own():
     from featx.classify import make_pipeline_for
     X, y = make_blobs(240, n_features=24, centers=3, cluster_std=7.0, random_state=5)
     for name in ("logreg", "linear-svm"):
-        res = fit_classifier(name, X[:160], y[:160], X_val=X[160:200], y_val=y[160:200], grid=[0.01], refit="train")
+        res = fit_classifier(name, X[:160], y[:160], X_val=X[160:200], y_val=y[160:200], grid=[0.01], final_fit="train")
         ref = make_pipeline_for(name, {"C": 0.01}, seed=0)
         if name == "linear-svm":
             ref.set_params(clf__cv=res.pipeline.named_steps["clf"].cv)

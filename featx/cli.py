@@ -291,6 +291,7 @@ def cache_info(key, cache_dir):
         ("storage", i.dtype), ("preprocess", json.dumps(s.preprocess) if s else "?"),
         ("images", str(i.n)), ("dims", str(i.dim)), ("size", _human_bytes(i.size_bytes)),
         ("created", i.created), ("updated", i.updated), ("pending", pending),
+        ("layout", f"{i.layout}, {i.segments} segment{'s' if i.segments != 1 else ''}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in i.versions.items())),
     ]
     width = max(len(k) for k, _ in lines)
@@ -328,15 +329,52 @@ def cache_verify(key, cache_dir):
 
 @cache_group.command("rm")
 @click.argument("keys", nargs=-1, required=True)
+@click.option("--segment", default=None, metavar="NAME",
+              help="Drop only this segment of KEY (as `featx cache verify` names a damaged one); "
+                   "the next extract computes its rows again.")
 @cache_option
-def cache_rm(keys, cache_dir):
+def cache_rm(keys, segment, cache_dir):
     """Delete entries (KEY or a unique part of it)."""
     from .cache import FeatureCache
+    from .errors import ConfigError
     cache = FeatureCache(cache_dir)
+    if segment and len(keys) != 1:
+        raise ConfigError(f"--segment {segment}: give exactly one KEY (got {len(keys)})")
     for k in keys:
         key = cache.resolve_key(k)
-        cache.remove(key)
-        click.echo(f"removed {key}")
+        cache.remove(key, segment=segment)
+        click.echo(f"removed {f'segment {segment} of ' if segment else ''}{key}")
+
+
+@cache_group.command("compact")
+@click.argument("key")
+@cache_option
+def cache_compact(key, cache_dir):
+    """Merge KEY's segments into one (under its lock; readers go on meanwhile)."""
+    from .cache import FeatureCache
+    cache = FeatureCache(cache_dir)
+    key = cache.resolve_key(key)
+    before, after = cache.compact(key, notify=lambda m: click.echo(m, err=True))
+    click.echo(f"{key}: {before} segment{'s' if before != 1 else ''} -> {after}")
+
+
+@cache_group.command("export")
+@click.argument("key")
+@click.option("--format", "fmt", type=click.Choice(["npy", "parquet"]), default="npy", show_default=True,
+              help="npy: a folder of features.npy, ids.npy, paths.npy, labels.npy, splits.npy; "
+                   "parquet: one file (needs pyarrow).")
+@click.option("--out", "out", type=click.Path(), default=None,
+              help="Where to write (default: ./KEY.npy/ or ./KEY.parquet).")
+@cache_option
+def cache_export(key, fmt, out, cache_dir):
+    """Write KEY's features with their ids, paths and labels for tools that do not read HDF5."""
+    from pathlib import Path
+
+    from .cache import FeatureCache
+    cache = FeatureCache(cache_dir)
+    key = cache.resolve_key(key)
+    where = cache.export(key, Path(out or f"{key}.{fmt}"), fmt)
+    click.echo(f"wrote {where}")
 
 
 # --------------------------------------------------------------------------

@@ -217,6 +217,16 @@ class HashIndex:
             return row[2]
         return None
 
+    def get_all(self) -> dict:
+        """Every remembered ``path key -> (size, mtime, id)`` in one read (a
+        query per file costs more than hashing a small one)."""
+        if self._db is None:
+            return {}
+        try:
+            return {row[0]: (row[1], row[2], row[3]) for row in self._db.execute("SELECT path, size, mtime, id FROM h")}
+        except sqlite3.Error:
+            return {}
+
     def put_many(self, rows):
         if self._db is None or not rows:
             return
@@ -252,26 +262,60 @@ def content_id(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _hash_all(paths: list[Path], index: HashIndex) -> list[str | None]:
-    ids: list[str | None] = []
-    fresh = []
-    for p in paths:
-        try:
-            st = p.stat()
-        except OSError:
-            ids.append(None)
-            continue
-        known = index.get(p, st)
+def _stat_and_hash(p: Path, known: tuple | None):
+    """(id or None, index row to remember or None) of one file."""
+    try:
+        st = p.stat()
+    except OSError:
+        return None, None
+    if known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+        return known[2], None
+    try:
+        sid = content_id(p)
+    except OSError:
+        return None, None
+    return sid, (_index_key(p), st.st_size, st.st_mtime_ns, sid)
+
+
+def _hash_all(paths: list[Path], index: HashIndex, threads: int | None = None) -> list[str | None]:
+    """Content ids of ``paths``: the index is read once, in bulk; files it
+    does not know (or that changed) are hashed on every core (file reads
+    and blake2b release the GIL)."""
+    remembered = index.get_all()
+    keys = [_index_key(p) for p in paths]
+    threads = threads or min(32, (os.cpu_count() or 1) * 2)
+    results: list = [None] * len(paths)
+    todo = []
+    for i, (p, k) in enumerate(zip(paths, keys)):
+        known = remembered.get(k)
         if known is None:
-            try:
-                known = content_id(p)
-            except OSError:
-                ids.append(None)
-                continue
-            fresh.append((_index_key(p), st.st_size, st.st_mtime_ns, known))
-        ids.append(known)
+            todo.append(i)
+        else:
+            results[i] = (p, known)
+    # known files: a stat each, done here (cheap); unknown ones go to the pool
+    out = [None] * len(paths)
+    fresh = []
+    for i, r in enumerate(results):
+        if r is not None:
+            sid, row = _stat_and_hash(*r)
+            if row is not None:
+                fresh.append(row)
+            out[i] = sid
+    if todo:
+        if len(todo) < 64 or threads <= 1:
+            got = [_stat_and_hash(paths[i], None) for i in todo]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+            blocks = [todo[a:a + 256] for a in range(0, len(todo), 256)]
+            with ThreadPoolExecutor(threads, thread_name_prefix="featx-hash") as pool:
+                got = [r for block in pool.map(lambda b: [_stat_and_hash(paths[i], None) for i in b], blocks)
+                       for r in block]
+        for i, (sid, row) in zip(todo, got):
+            out[i] = sid
+            if row is not None:
+                fresh.append(row)
     index.put_many(fresh)
-    return ids
+    return out
 
 
 # --------------------------------------------------------------------------

@@ -285,7 +285,9 @@ def _decoded_batches(files, batch_size: int, threads: int):
 
 
 def extract_shard(job: ShardJob) -> tuple[int, list[tuple[str, str]], str, str]:
-    """The Dask task: features of one shard, written as one part file per entry.
+    """The Dask task: features of one shard, written as one part file per entry
+    (sorted, chunked, checksummed: the driver commits it as a segment by a
+    rename, never by copying its rows).
 
     Returns ``(images done, [(path, reason) skipped], device, runtime)``. Raises
     :class:`~featx.errors.ImageError` on a bad image with ``strict``."""

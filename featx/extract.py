@@ -27,8 +27,8 @@ from PIL import Image
 from torch import nn
 
 from .backbones import LoadedBackbone, Preprocess, ResolvedWeights, get_backbone, load_backbone, resolve_weights
-from .cache import (FORMAT_VERSION, CacheWriteError, DiskFullError, FeatureCache, FeatureSpec, disk_full_error,
-                    write_part_file)
+from .cache import (COMMIT_EVERY_ROWS, FORMAT_VERSION, CacheWriteError, DiskFullError, FeatureCache, FeatureSpec,
+                    disk_full_error, write_part_file)
 from .data import Dataset, Sample, load_image
 from .errors import BackboneError, ConfigError, ImageError
 
@@ -528,7 +528,7 @@ def planned(cache: FeatureCache, specs: list[FeatureSpec], samples: list[Sample]
     with cache.locked([s.key for s in specs], notify=notify):
         resumed = 0
         for spec in specs:
-            if cache.parts_dir(spec.key).is_dir():
+            if cache.needs_commit(spec.key):   # a killed run's batches, a format-3 file to migrate
                 try:
                     resumed += cache.consolidate(spec.key, spec, notify=notify)
                 except CacheWriteError as e:   # full or read-only: go on with what the entry holds
@@ -544,10 +544,10 @@ def planned(cache: FeatureCache, specs: list[FeatureSpec], samples: list[Sample]
                 raise cache._damaged(spec.key, cache.path(spec.key), bad)
             if bad:
                 cache.consolidate(spec.key, spec, notify=notify, repair=True)
-        have = [set(cache.ids(s.key)) for s in specs]
-        todo = [s for s in unique if not all(s.id in h for h in have)]
+        have = [cache.contains(s.key, wanted) for s in specs]     # sorted ids looked up, no set of strings
+        todo = [s for s, *h in zip(unique, *have) if not all(h)]
         # only the layers that miss something are computed
-        needed = [spec for spec, h in zip(specs, have) if any(s.id not in h for s in todo)]
+        needed = [spec for spec, h in zip(specs, have) if not h.all()]
         if todo:
             cache.check_writable(f"{len(todo)} of the {len(unique)} images have no features there yet")
         yield Plan(unique, todo, needed, resumed)
@@ -649,14 +649,14 @@ def extract(
 
 def _space_needed(cache: FeatureCache, plan: Plan) -> int:
     """Bytes an extraction of ``plan`` still needs: its part files, plus
-    the merged entry written beside the old one."""
+    the segment they are merged into (committed rows are never copied)."""
     need = 0
     for spec in plan.needed:
         info = cache.info(spec.key)
         parts = sum(p.stat().st_size for p in cache._parts(spec.key))
         entry = info.size_bytes - parts
         per_row = parts / info.pending_rows if info.pending_rows else (entry / info.n if info.n else 4096)
-        need += max(0, len(plan.todo) * per_row - parts) + (info.n + len(plan.todo)) * per_row
+        need += max(0, len(plan.todo) * per_row - parts) + len(plan.todo) * per_row
     return int(need) + (1 << 20)
 
 
@@ -669,10 +669,14 @@ def _autocast(dev: torch.device, precision: str):
 
 class _PartWriter:
     """Writes finished batches from a background thread, so the model never
-    waits for the disk. ``close()`` re-raises a writer failure."""
+    waits for the disk; every ``commit_every`` rows they are committed as a
+    segment (readable, and the parts folder stays small; the caller holds the
+    entries' lock). ``close()`` re-raises a writer failure."""
 
-    def __init__(self, cache: FeatureCache, specs: list[FeatureSpec], depth: int = 4):
+    def __init__(self, cache: FeatureCache, specs: list[FeatureSpec], depth: int = 4,
+                 commit_every: int = COMMIT_EVERY_ROWS):
         self.cache, self.specs = cache, specs
+        self.commit_every, self.uncommitted = commit_every, 0
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="featx-writer", daemon=True)
@@ -689,6 +693,11 @@ class _PartWriter:
             try:
                 for spec, arr in zip(self.specs, outs):
                     write_part_file(self.cache.new_part_path(spec.key), spec, ids, arr)
+                self.uncommitted += len(ids)
+                if self.uncommitted >= self.commit_every:
+                    for spec in self.specs:
+                        self.cache.consolidate(spec.key, spec)
+                    self.uncommitted = 0
             except BaseException as e:  # noqa: BLE001 - surfaced in close()
                 self.error = e
 

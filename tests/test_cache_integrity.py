@@ -6,6 +6,7 @@ Process-level failures (a full disk, a read-only mount, exit codes) run the
 real ``featx`` command in a subprocess."""
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featx.cache import FeatureCache, FeatureSpec, write_part_file
+from featx.cache import FeatureCache, FeatureSpec, write_manifest_group, write_part_file
 from featx.data import open_dataset
 from featx.errors import CacheError
 from featx.extract import extract, feature_specs, load_features
@@ -62,6 +63,12 @@ def _featx(*args, env=None, timeout=300):
                           env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
 
 
+def _segment(cache, key):
+    """The entry's one segment file (a 60-row extraction commits one)."""
+    (path,) = (cache / key).glob("seg-*.h5")
+    return path
+
+
 def _error_line(proc):
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert lines and "Traceback" not in proc.stderr, proc.stderr
@@ -73,7 +80,7 @@ def _error_line(proc):
 
 def test_entries_and_parts_carry_fletcher32_on_features_and_ids(entry, tmp_path):
     _, cache, key, spec = entry
-    with h5py.File(cache / f"{key}.h5", "r") as f:
+    with h5py.File(_segment(cache, key), "r") as f:
         assert f["features"].fletcher32 and f["ids"].fletcher32
         assert f["features"].chunks is not None
         assert spec.canonical() == f.attrs["spec"] and f"-{spec.key.split('-')[-1]}" in key  # key and format unchanged
@@ -89,12 +96,12 @@ def test_entries_and_parts_carry_fletcher32_on_features_and_ids(entry, tmp_path)
 
 def test_zeroed_middle_half_is_detected_by_read_verify_and_repaired_by_extract(entry):
     data, cache, key, spec = entry
-    path = cache / f"{key}.h5"
+    path = _segment(cache, key)
     size = path.stat().st_size
     _zero(path, size // 4, size // 2)
     fc = FeatureCache(cache)
     ds = open_dataset(data)
-    with pytest.raises(CacheError, match=rf"{key}\.h5: .*fail their checksum .*featx extract.*featx cache rm {key}"):
+    with pytest.raises(CacheError, match=rf"{key}/{path.name}: .*fail their checksum .*featx extract.*featx cache rm {key}"):
         load_features(cache, spec, ds)
     result = fc.verify(key)
     assert result.status == "damaged" and result.damaged and "DAMAGED" in result.describe()
@@ -110,12 +117,13 @@ def test_zeroed_middle_half_is_detected_by_read_verify_and_repaired_by_extract(e
 def test_a_chunk_zeroed_whole_checksum_included_is_still_damage(entry):
     """fletcher32 of all-zero bytes is zero: a chunk zeroed whole passes HDF5's check."""
     data, cache, key, spec = entry
-    path = cache / f"{key}.h5"
+    path = _segment(cache, key)
     with h5py.File(path, "r") as f:
         info = f["features"].id.get_chunk_info(0)
+        rows = f["features"].chunks[0]
     _zero(path, info.byte_offset, info.size)
     with h5py.File(path, "r") as f:               # HDF5 itself reads zeros without complaint
-        assert not f["features"][:].any()
+        assert not f["features"][:rows].any() and f["features"][rows:].any(axis=1).all()
     with pytest.raises(CacheError, match="fail their checksum"):
         load_features(cache, spec, open_dataset(data))
     assert FeatureCache(cache).verify(key).status == "damaged"
@@ -134,14 +142,15 @@ def test_legitimately_zero_features_are_not_damage(tmp_path):
 
 def test_train_never_fits_on_damaged_rows(entry, tmp_path):
     data, cache, key, _ = entry
-    path = cache / f"{key}.h5"
+    path = _segment(cache, key)
     size = path.stat().st_size
     _zero(path, size - 20 * 1024, 20 * 1024)
     r = _featx("train", data, *CLI_SMALL, "--cache", cache, "--out", tmp_path / "m.featx")
     # either it recomputed the damaged rows first, or it stopped: never trained on zeros
     assert "failed their checksum" in r.stderr or r.returncode != 0, r.stderr
-    with h5py.File(path, "r") as f:
-        assert f["features"].fletcher32
+    for segment in (cache / key).glob("seg-*.h5"):
+        with h5py.File(segment, "r") as f:
+            assert f["features"].fletcher32
     assert FeatureCache(cache).verify(key).status == "ok" or r.returncode != 0
 
 
@@ -149,22 +158,38 @@ def test_verify_cli_reports_each_entry_and_exits_1_when_damaged(entry):
     _, cache, key, _ = entry
     ok = _featx("cache", "verify", "--cache", cache)
     assert ok.returncode == 0 and f"{key}: OK (60 rows verified)" in ok.stdout
-    path = cache / f"{key}.h5"
+    path = _segment(cache, key)
     _zero(path, path.stat().st_size // 4, path.stat().st_size // 2)
     bad = _featx("cache", "verify", key[:20], "--cache", cache)
-    assert bad.returncode == 1 and f"{key}: DAMAGED" in bad.stdout and "chunk" in bad.stdout
+    assert bad.returncode == 1 and f"{key}: DAMAGED" in bad.stdout and f"segment {path.name} chunk" in bad.stdout
     assert _error_line(bad).startswith("Error: 1 of 1 entries")
+
+
+def _as_format_3(cache, key, checksums=True):
+    """The entry rewritten as format 3 kept it: one ``<key>.h5`` with the dataset records inside."""
+    fc = FeatureCache(cache)
+    ids, X = fc.ids(key), fc.read(key, fc.ids(key))
+    records = fc.dataset_records(key)
+    log = json.loads((cache / key / "log.json").read_text())
+    path = cache / f"{key}.h5"
+    order = np.random.default_rng(0).permutation(len(ids))       # format 3 kept rows in extraction order
+    with h5py.File(path, "w") as g:
+        extra = dict(chunks=(32, X.shape[1]), fletcher32=True) if checksums else dict(chunks=(60, X.shape[1]))
+        g.create_dataset("features", data=X[order], **extra)
+        g.create_dataset("ids", data=np.array(ids, dtype="S32")[order], **({"fletcher32": True} if checksums else {}))
+        group = g.create_group("manifests")
+        for m in records:
+            write_manifest_group(group, m)
+        g.attrs.update({"featx_format": 3, "key": key, "spec": log["spec"], "created": log["created"],
+                        "versions": json.dumps(log["versions"])})
+    shutil.rmtree(cache / key)
+    shutil.rmtree(cache / "datasets")
+    return path, dict(zip(ids, X))
 
 
 def test_an_entry_without_checksums_still_reads_and_is_rewritten_with_them(entry):
     data, cache, key, spec = entry
-    path = cache / f"{key}.h5"
-    with h5py.File(path, "r") as f, h5py.File(path.with_suffix(".old"), "w") as g:   # as older featx wrote it
-        g.create_dataset("features", data=f["features"][:], chunks=(60, 512))
-        g.create_dataset("ids", data=f["ids"][:])
-        f.copy(f["manifests"], g, name="manifests")
-        g.attrs.update(dict(f.attrs))
-    os.replace(path.with_suffix(".old"), path)
+    path, _ = _as_format_3(cache, key, checksums=False)    # as older featx wrote it
     fc = FeatureCache(cache)
     result = fc.verify(key)
     assert result.status == "no checksums" and result.ok and "rewritten with checksums" in result.describe()
@@ -172,7 +197,7 @@ def test_an_entry_without_checksums_still_reads_and_is_rewritten_with_them(entry
     X, _, _ = load_features(cache, spec, ds)
     rep = extract(ds, cache=cache, **SMALL)                # nothing to compute, but now checksummed
     assert rep.n_extracted == 0 and rep.n_cached == 60
-    with h5py.File(path, "r") as f:
+    with h5py.File(_segment(cache, key), "r") as f:
         assert f["features"].fletcher32 and f["ids"].fletcher32
     np.testing.assert_array_equal(load_features(cache, spec, ds)[0], X)
 
@@ -180,7 +205,7 @@ def test_an_entry_without_checksums_still_reads_and_is_rewritten_with_them(entry
 @pytest.mark.parametrize("damage", ["truncate", "zero0", "zero800"])
 def test_structural_damage_is_one_line_naming_the_entry_and_the_fix(entry, tmp_path, damage):
     data, cache, key, _ = entry
-    path = cache / f"{key}.h5"
+    path = _segment(cache, key)
     size = path.stat().st_size
     if damage == "truncate":
         os.truncate(path, size // 2)
@@ -191,6 +216,7 @@ def test_structural_damage_is_one_line_naming_the_entry_and_the_fix(entry, tmp_p
         assert r.returncode == 1, r.stderr
         line = _error_line(r)
         assert line.startswith(f"Error: {path}: unreadable cache entry") and f"featx cache rm {key}" in line, line
+        assert f"featx cache rm {key} --segment {path.name}" in line, line
     v = _featx("cache", "verify", "--cache", cache)
     assert v.returncode == 1 and f"{key}: unreadable" in v.stdout
     rm = _featx("cache", "rm", key, "--cache", cache)

@@ -1,5 +1,6 @@
 """Extraction into the HDF5 cache: keys, incremental runs, resume, locking."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -44,14 +45,16 @@ def test_extract_writes_a_plain_hdf5_entry_and_second_run_extracts_nothing(folde
     cache = tmp_path / "cache"
     r1 = extract(ds, cache=cache, **SMALL)
     assert (r1.n_images, r1.n_extracted, r1.n_cached) == (24, 24, 0)
-    path = cache / f"{r1.keys[0]}.h5"
-    with h5py.File(path, "r") as f:  # plain h5py, no featx
+    log = json.loads((cache / r1.keys[0] / "log.json").read_text())    # plain json and h5py, no featx
+    assert log["key"] == r1.keys[0] and "torch" in log["versions"] and log["dim"] == 512
+    (segment,) = log["segments"]
+    with h5py.File(cache / r1.keys[0] / segment["name"], "r") as f:
         assert f["features"].shape == (24, 512) and f["features"].dtype == np.float32
-        assert f["ids"].shape == (24,)
+        assert f["ids"].shape == (24,) and segment["rows"] == 24
         assert f.attrs["key"] == r1.keys[0]
-        assert "torch" in f.attrs["versions"]
-        (manifest,) = f["manifests"].values()
-        assert sorted(set(x.decode() for x in manifest["labels"][:])) == ["blue", "green", "red"]
+    (dataset,) = log["datasets"]
+    manifest = json.loads((cache / "datasets" / f"{dataset['id']}.json").read_text())
+    assert sorted({s["label"] for s in manifest["samples"]}) == ["blue", "green", "red"]
     r2 = extract(ds, cache=cache, **SMALL)
     assert (r2.n_extracted, r2.n_cached) == (0, 24)
     assert not any(p.name.endswith((".tmp", ".parts")) for p in cache.iterdir())
@@ -115,7 +118,8 @@ def test_bad_images_are_skipped_or_fail_with_strict(folder_dataset, tmp_path):
 
 def test_float16_storage(folder_dataset, tmp_path):
     r = extract(open_dataset(folder_dataset), cache=tmp_path / "c", storage="float16", **SMALL)
-    with h5py.File(tmp_path / "c" / f"{r.keys[0]}.h5") as f:
+    (segment,) = (tmp_path / "c" / r.keys[0]).glob("seg-*.h5")
+    with h5py.File(segment) as f:
         assert f["features"].dtype == np.float16
 
 
@@ -186,7 +190,7 @@ def test_run_killed_with_sigkill_resumes_without_losing_batches(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert parts and len(parts) >= 4, "the run never wrote a part"
-    assert not list(cache.glob("*.h5"))  # no entry under its real name yet
+    assert not list(cache.glob("*/log.json"))  # nothing committed yet
     _, _, (spec,) = feature_specs("resnet18", "none")
     info = FeatureCache(cache).info(spec.key)      # what `featx cache info` shows meanwhile
     assert info.n == 0 and info.pending_rows == 2 * info.pending_parts >= 2 * len(parts)

@@ -350,7 +350,7 @@ def advise(dataset: str, *, backbone: str = "mobilenet_v2", weights: str = "auto
     from .cache import FeatureCache
     from .data import open_dataset
     from .pipeline import PACKAGE_DATASET_PREFIX, load_pipeline, resolve_dataset_path
-    from .report import atomic_write_text
+    from .files import atomic_write_text
     if sample < 10:
         raise ConfigError(f"--sample {sample}: must be at least 10")
     root = resolve_dataset_path(str(dataset), Path.cwd())

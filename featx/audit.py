@@ -526,7 +526,7 @@ def write_html(result: AuditResult, path) -> Path:
 
 def write_audit(result: AuditResult, out_dir) -> dict[str, Path]:
     """duplicates.csv, label_issues.csv, outliers.csv and audit.html in ``out_dir``."""
-    from .report import atomic_write_text
+    from .files import atomic_write_text
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

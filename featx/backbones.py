@@ -30,9 +30,7 @@ Weights specs (``--weights``):
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -250,22 +248,7 @@ def get_backbone(name: str) -> BackboneInfo:
 # weights
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime: int) -> str:
-    return file_sha256(path)
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+from .files import _sha256_cached, file_sha256, sha256_of  # noqa: E402,F401  (re-exported)
 
 
 def _package_file(package: str, resource: str) -> Path | None:

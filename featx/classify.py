@@ -39,7 +39,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from .errors import ConfigError, DatasetError
-from .report import atomic_write_text
+from .files import atomic_write_text
 
 __all__ = [
     "CLASSIFIERS",

@@ -186,8 +186,9 @@ def _text(path) -> str:
         return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "dataset"
+def _slug(name: str, empty: str = "dataset") -> str:
+    """``name`` made safe for a file name (``empty`` when nothing is left)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or empty
 
 
 # --------------------------------------------------------------------------

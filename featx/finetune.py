@@ -73,7 +73,7 @@ from .backbones import BackboneInfo, Preprocess, ResolvedWeights, get_backbone, 
 from .data import Dataset, Sample, load_image
 from .errors import ConfigError, FeatxError, ImageError
 from .extract import ImageFiles, collate, default_workers, preprocess_image, resolve_device
-from .report import atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "AUGMENTS", "BN_MIN_BATCH", "FINETUNE", "FinetuneResult", "Interrupt", "backbone_from_bundle",

@@ -759,7 +759,8 @@ def _plain_json(obj):
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "x"
+    from .data import _slug as slug
+    return slug(text, "x")
 
 
 class StageManifest:
@@ -778,7 +779,7 @@ class StageManifest:
                 self.data.update(loaded)
 
     def save(self):
-        from .report import atomic_write_text
+        from .files import atomic_write_text
         atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=False) + "\n")
 
 
@@ -1151,7 +1152,7 @@ def run_pipeline(p: Pipeline, *, cache=None, force=(), progress: bool = True, no
 
 def _execute(plan: Plan, progress: bool, notify, t0: float) -> RunResult:
     from .cache import FeatureCache
-    from .report import atomic_write_text
+    from .files import atomic_write_text
     p, ds, manifest = plan.pipeline, plan.dataset, plan.manifest
     out = p.out_dir
     cache = FeatureCache(plan.cache_dir)

@@ -18,9 +18,8 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,50 +41,7 @@ MAX_ANNOTATED_CLASSES = 40
 # atomic files
 
 
-def _umask() -> int:
-    """The process umask: from /proc on Linux (no window where another thread
-    sees a changed umask), else by setting it and straight back."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path, write: Callable[[Any], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file owner-only; the real file gets what open() would give it
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and :func:`os.replace`."""
-    return _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+from .files import _atomic_write, _umask, atomic_write_bytes, atomic_write_text  # noqa: E402,F401  (re-exported)
 
 
 # --------------------------------------------------------------------------

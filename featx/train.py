@@ -33,7 +33,6 @@ from .classify import (ComparisonRow, FitResult, evaluate, fit_classifier, fit_s
 from .data import Dataset
 from .errors import ConfigError
 from .extract import ExtractReport, extract, feature_specs
-from .report import atomic_write_text
 
 __all__ = ["CompareResult", "FeatureSet", "FitStore", "TrainResult", "compare", "parse_features", "parse_grid",
            "parse_layers", "read_features", "train"]

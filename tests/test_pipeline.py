@@ -290,9 +290,9 @@ def test_plan_run_and_reuse(project):
     assert "selected (best val/CV score)" in (out / "comparison.md").read_text()
     bundle = json.loads((out / "best.featx" / "manifest.json").read_text())
     assert bundle["kind"] == "linear" and bundle["pipeline"]["file"] == str(project / "p.toml")
-    entries = _mtimes(project / "cache", "*.h5")
+    entries = _mtimes(project / "cache", "*/seg-*.h5")
     models = _mtimes(out / "models", "*/model.json")
-    assert len(entries) == 2 and len(models) == 4
+    assert len({k.split("/")[0] for k in entries}) == 2 and len(models) == 4     # segments of 2 entries
 
     # unchanged: nothing extracted, nothing trained, and it says what it reused
     r = run("run", "p.toml")
@@ -301,7 +301,7 @@ def test_plan_run_and_reuse(project):
     assert r.stderr.count(": reused models/") == 4
     assert "[report] reused" in r.stderr
     assert _summary_tail(r.stdout) == "computed: nothing; reused: 2 feature sets, 4 models, 1 evaluation, 1 report"
-    assert _mtimes(project / "cache", "*.h5") == entries and _mtimes(out / "models", "*/model.json") == models
+    assert _mtimes(project / "cache", "*/seg-*.h5") == entries and _mtimes(out / "models", "*/model.json") == models
 
     # a classifier's grid changes: that classifier re-trains on both layers, nothing is extracted
     (project / "p.toml").write_text(PIPELINE.replace("logreg = [0.01, 0.1]", "logreg = [0.01, 1.0]"))
@@ -311,7 +311,7 @@ def test_plan_run_and_reuse(project):
     r = run("run", "p.toml", "-q")
     # the best model (ranked by val score, then val loss) is not a logreg one: its evaluation stands
     assert _summary_tail(r.output) == "computed: 2 models, 1 report; reused: 2 feature sets, 2 models, 1 evaluation"
-    assert _mtimes(project / "cache", "*.h5") == entries
+    assert _mtimes(project / "cache", "*/seg-*.h5") == entries
 
     # a layer changes: only that layer is extracted, only its models are trained
     (project / "p.toml").write_text(PIPELINE.replace('"layer3"', '"layer2"').replace("[0.01, 0.1]", "[0.01, 1.0]"))
@@ -320,14 +320,14 @@ def test_plan_run_and_reuse(project):
     assert "[extract] resnet18 (none): layer2, flatten in one pass" in r.stderr
     assert _summary_tail(r.stdout) == "computed: 1 feature set, 2 models, 1 evaluation, 1 report; " \
                                       "reused: 1 feature set, 2 models"
-    now = _mtimes(project / "cache", "*.h5")
-    assert len(now) == 3 and all(now[k] == v for k, v in entries.items())
+    now = _mtimes(project / "cache", "*/seg-*.h5")
+    assert len({k.split("/")[0] for k in now}) == 3 and all(now[k] == v for k, v in entries.items())
 
     # --force train refits every model and extracts nothing; the refits are the same
     # bytes (same inputs, same seed), so the evaluation of the best one still holds
     r = run("run", "p.toml", "--force", "train", "-q")
     assert _summary_tail(r.output) == "computed: 4 models; reused: 2 feature sets, 1 evaluation, 1 report"
-    assert _mtimes(project / "cache", "*.h5") == now
+    assert _mtimes(project / "cache", "*/seg-*.h5") == now
 
     # --force extract recomputes the features; the models stay valid (same inputs, same numbers)
     r = run("run", "p.toml", "--force", "extract")

@@ -17,7 +17,7 @@ from featx.cli import cli
 from featx.data import open_dataset
 from featx.errors import ConfigError
 from featx.probe import search_linear
-from featx.train import FeatureSet, compare, parse_features, read_features, split_features
+from featx.train import FeatureSet, parse_features, read_features, split_features
 
 from .conftest import make_split_dataset
 

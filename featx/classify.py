@@ -383,7 +383,7 @@ def _score_setting(name, params, pca, seed, X, y, train_idx, X_eval, y_eval):
 FINAL_FITS = ("train", "train+val")
 
 
-def _fit_linear_batched(pipe, name, C, X, y, threads) -> bool:
+def _fit_linear_batched(pipe, name, C, X, y, threads, warm=None) -> bool:
     """Fit a logreg or calibrated linear-svm Pipeline with featx.probe's solver
     (the objective scikit-learn's estimators minimise), filling in the very
     attributes their ``fit`` sets; for linear-svm the calibration folds are
@@ -407,12 +407,12 @@ def _fit_linear_batched(pipe, name, C, X, y, threads) -> bool:
     try:
         Z = scaler.fit(X).transform(X)
         if name == "logreg":
-            W, b, _ = solve_final("logreg", Z, yi, float(C), threads=threads)
+            W, b, _ = solve_final("logreg", Z, yi, float(C), threads=threads, warm=warm)
             clf.coef_, clf.intercept_ = W.T.copy(), b.copy()
             clf.classes_, clf.n_features_in_, clf.n_iter_ = classes, Z.shape[1], np.array([0], dtype=np.int32)
             return True
         folds = list(clf.cv.split(Z, yi))
-        W, b, oof = solve_final("linear-svm", Z, yi, float(C), folds=folds, threads=threads)
+        W, b, oof = solve_final("linear-svm", Z, yi, float(C), folds=folds, threads=threads, warm=warm)
         svc = clone(clf.estimator)
         svc.coef_, svc.intercept_ = W.T.copy(), b.copy()
         svc.classes_, svc.n_features_in_, svc.n_iter_ = classes, Z.shape[1], 0
@@ -688,7 +688,8 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
     batched = (name == "logreg" or (name == "linear-svm" and isinstance(final, CalibratedClassifierCV)
                                     and isinstance(final.cv, StratifiedKFold)))
     if batched and pca is None and smallest >= 2:
-        fitted = _fit_linear_batched(pipe, name, chosen, X_fit, y_fit, _search_threads(n_jobs))
+        warm = getattr(path, "state", None) if probe else None
+        fitted = _fit_linear_batched(pipe, name, chosen, X_fit, y_fit, _search_threads(n_jobs), warm)
     messages = [] if fitted else _fit_quietly(pipe, X_fit, y_fit)
     fit_seconds = time.perf_counter() - t1
     if messages:

@@ -339,7 +339,7 @@ def _walk(torch, kind, X, y, folds, n_classes, values, single) -> PathResult:
 
 
 def solve_final(kind: str, Z, y, C: float, *, folds: Sequence[tuple[np.ndarray, np.ndarray]] = (),
-                threads: int | None = None):
+                threads: int | None = None, warm=None):
     """The final model at one C, and out-of-fold decision values for calibration.
 
     ``Z``: features already standardised (by the Pipeline's fitted scaler),
@@ -347,7 +347,9 @@ def solve_final(kind: str, Z, y, C: float, *, folds: Sequence[tuple[np.ndarray, 
     (the calibration folds) in one batch. Returns ``(W, b, oof)``: ``W``
     ``(d, K)`` (``(d, 1)`` for 2 classes), ``b`` ``(K,)``, and ``oof`` the
     decision values of every row from the fold that held it out (None
-    without folds). Same objective as :func:`search_linear`.
+    without folds). Same objective as :func:`search_linear`. ``warm``: a
+    :attr:`PathResult.state` to start every problem from (the search's
+    solution at this C: the final solve then takes a few iterations).
     """
     import torch
     Z = np.asarray(Z, dtype=np.float32)
@@ -361,6 +363,10 @@ def solve_final(kind: str, Z, y, C: float, *, folds: Sequence[tuple[np.ndarray, 
     try:
         with torch.enable_grad():
             prob = _Problem(torch, kind, Z, y, splits, n_classes, standardise=False)
+            if warm is not None and tuple(warm[0].shape[1:]) == tuple(prob.W.shape[1:]):
+                with torch.no_grad():
+                    prob.W.copy_(warm[0].mean(0, keepdim=True).expand_as(prob.W))
+                    prob.b.copy_(warm[1].mean(0, keepdim=True).expand_as(prob.b))
             prob.solve(C, max_iter=4 * MAX_ITER)
         W = prob.W.detach().numpy().astype(np.float64)
         b = prob.b.detach().numpy().astype(np.float64)[:, 0, :]

@@ -1479,7 +1479,8 @@ def summary_lines(result: RunResult) -> list[str]:
     """What ``featx run`` prints at the end: best model, its test accuracy, where the report is, what was reused."""
     r = result.best["row"]
     m = result.metrics
-    chosen = f"{r['param_name']}={r['chosen']}" if r.get("param_name") else ""
+    from .classify import _fmt_value
+    chosen = f"{r['param_name']}={_fmt_value(r['chosen'])}" if r.get("param_name") else ""
     score = r.get("val_or_cv_score")
     lines = [f"best model: {result.best['label']}" + (f" ({chosen})" if chosen else "")
              + (f", chosen by {r['score_source']} score {score:.4f}" if score is not None else "")]

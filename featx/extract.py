@@ -786,29 +786,51 @@ def onnxruntime_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
+# how the run options are named on the command line; pipelines pass their keys
+CLI_NAMES = {"runtime": "--runtime", "device": "--device", "precision": "--precision", "compile": "--compile"}
+
+
+class RunOptionsError(ConfigError):
+    """Run options that cannot go together; ``option`` names the one to change."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
 def resolve_runtime(runtime: str, device: torch.device, precision: str, n_images: int,
-                    compile: str | bool = "auto") -> str:
+                    compile: str | bool = "auto", names: dict | None = None) -> str:
     """Who runs the forward pass: ``torch``, or ``onnx`` (ONNX Runtime).
+
+    The one check of device, precision, runtime and compile together: the
+    CLI, extraction, Dask and pipeline files all call it (``names`` says how
+    the options are spelled where they came from, :data:`CLI_NAMES` by
+    default; a conflict is a :class:`RunOptionsError` naming the option).
 
     ``auto`` picks ONNX Runtime for fp32 on the CPU when it is installed and
     the run has :data:`ONNX_MIN_IMAGES` images or more: on 2 AVX2 cores it
     ran MobileNetV2 2.4x and ResNet-50 1.5x faster than PyTorch's best fp32
     path. GPUs, bf16 and fp16 stay with torch, and so does ``compile="on"``
     (torch.compile)."""
+    n = {**CLI_NAMES, **(names or {})}
     if runtime not in RUNTIMES:
-        raise ConfigError(f"--runtime {runtime}: use one of {', '.join(RUNTIMES)}")
+        raise RunOptionsError("runtime", f"{n['runtime']} {runtime}: use one of {', '.join(RUNTIMES)}")
     compile_on = compile is True or compile == "on"
     if compile_on and runtime == "onnx":
-        raise ConfigError("--compile on is torch.compile: use it with --runtime torch (or auto)")
+        raise RunOptionsError("compile", f"{n['compile']} on is torch.compile: use it with {n['runtime']} torch "
+                                         "(or auto)")
     if runtime == "torch" or compile_on:
         return "torch"
     if runtime == "onnx":
         if device.type != "cpu":
-            raise ConfigError(f"--runtime onnx runs on the CPU; use --device cpu, or --runtime torch on {device}")
+            raise RunOptionsError("device", f"{n['runtime']} onnx runs on the CPU; use {n['device']} cpu, or "
+                                            f"{n['runtime']} torch on {device}")
         if precision != "fp32":
-            raise ConfigError(f"--runtime onnx computes in fp32; use --precision fp32, or --runtime torch for {precision}")
+            raise RunOptionsError("precision", f"{n['runtime']} onnx computes in fp32; use {n['precision']} fp32, "
+                                               f"or {n['runtime']} torch for {precision}")
         if not onnxruntime_available():
-            raise ConfigError("--runtime onnx needs ONNX Runtime: pip install onnxruntime onnx (or use --runtime torch)")
+            raise RunOptionsError("runtime", f"{n['runtime']} onnx needs ONNX Runtime: pip install onnxruntime onnx "
+                                             f"(or use {n['runtime']} torch)")
         return "onnx"
     if device.type == "cpu" and precision == "fp32" and n_images >= ONNX_MIN_IMAGES and onnxruntime_available():
         return "onnx"

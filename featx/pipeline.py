@@ -653,24 +653,20 @@ def _check_engine(where, engine, backbones=()):
         if not torch.cuda.is_available():
             raise where.error("engine.device", f"{_show(engine['device'])}: no CUDA GPU is available here; "
                                                "use auto or cpu")
-    if engine["runtime"] == "onnx":
-        if engine["compile"] == "on":
-            raise where.error("engine.compile", '"on" is torch.compile: it needs engine.runtime = "torch" (or "auto")')
-        if device == "auto" and engine["kind"] == "local":
-            import torch
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda"):
-            raise where.error("engine.runtime", f'"onnx" runs on the CPU, and engine.device = {_show(engine["device"])} '
-                                                'is a GPU here; set device = "cpu", or runtime = "torch"')
-        from .extract import onnxruntime_available, resolve_precision
-        if not onnxruntime_available():
-            raise where.error("engine.runtime", '"onnx" needs `pip install onnxruntime onnx`; or use "auto"')
-        for i, b in enumerate(backbones):
-            precision = resolve_precision(b["precision"], "cpu")
-            if precision != "fp32":
-                shown = _show(b["precision"]) + (f" (here: {precision})" if b["precision"] == "auto" else "")
-                raise where.error(f"backbones[{i}].precision", f'{shown}: engine.runtime = "onnx" computes in fp32; '
-                                                               'use "fp32", or runtime = "torch"')
+    if engine["runtime"] == "onnx" or engine["compile"] == "on":
+        # the one check of runtime, device, precision and compile (featx.extract.resolve_runtime)
+        from .extract import RunOptionsError, resolve_precision, resolve_runtime
+        import torch
+        dev = torch.device("cpu") if device == "auto" and (engine["kind"] != "local" or not torch.cuda.is_available()) \
+            else torch.device("cuda" if device == "auto" else device)
+        keys = {"runtime": "engine.runtime", "device": "engine.device", "compile": "engine.compile"}
+        for i, b in enumerate(backbones or [{"precision": "fp32"}]):
+            names = {**keys, "precision": f"backbones[{i}].precision"}
+            try:
+                resolve_runtime(engine["runtime"], dev, resolve_precision(b["precision"], str(dev)), 0,
+                                engine["compile"], names=names)
+            except RunOptionsError as e:
+                raise ConfigError(f"{where.path}: {e}") from None
 
 
 # --------------------------------------------------------------------------

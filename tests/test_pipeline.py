@@ -127,12 +127,12 @@ MISTAKES = {
     "scheduler without dask": (BASE + "[engine]\nscheduler = 'tcp://x:8786'\n",
                                'p.toml: engine.scheduler: needs engine.kind = "dask"'),
     "onnx with torch.compile": (BASE + '[engine]\nruntime = "onnx"\ncompile = "on"\n',
-                                'p.toml: engine.compile: "on" is torch.compile: it needs engine.runtime = "torch" '
-                                '(or "auto")'),
+                                'p.toml: engine.compile on is torch.compile: use it with engine.runtime torch '
+                                '(or auto)'),
     "onnx with bf16": (BASE.replace('weights = "none"\n', 'weights = "none"\nprecision = "bf16"\n')
                        + '[engine]\nruntime = "onnx"\n',
-                       'p.toml: backbones[0].precision: "bf16": engine.runtime = "onnx" computes in fp32; '
-                       'use "fp32", or runtime = "torch"'),
+                       'p.toml: engine.runtime onnx computes in fp32; use backbones[0].precision fp32, '
+                       'or engine.runtime torch for bf16'),
     "freeze epochs": (BASE + "[finetune]\nepochs = 2\nfreeze_epochs = 3\n",
                       "p.toml: finetune.freeze_epochs: 3 must be at most finetune.epochs (2)"),
     "dataset not found": (BASE.replace('"data"', '"nowhere"'), None),

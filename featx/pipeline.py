@@ -522,36 +522,16 @@ def _check_grid(where, dotted, classifier, values) -> list:
     return list(dict.fromkeys(out))
 
 
-@functools.lru_cache(maxsize=32)
-def _layer_names(backbone: str) -> tuple[tuple[str, ...], bool]:
-    """(names, is_graph): the backbone's graph nodes, or module names when it does not trace."""
-    import torch
-
-    from .backbones import get_backbone
-    from .extract import graph_nodes
-    info = get_backbone(backbone)
-    state = torch.random.get_rng_state()
-    try:
-        model = info.build(num_classes=1000, pretrained=False).eval()
-    finally:
-        torch.random.set_rng_state(state)
-    nodes = graph_nodes(model)
-    if nodes is not None:
-        return tuple(nodes), True
-    return tuple(n for n, _ in model.named_modules() if n), False
-
-
 def check_layer(backbone: str, layer: str) -> str | None:
     """None when ``layer`` can be extracted from ``backbone``; else the problem."""
-    from .extract import resolve_node
-    names, is_graph = _layer_names(backbone)
+    from .errors import did_you_mean
+    from .extract import _known_layers, resolve_node
+    names, listed, is_graph = _known_layers(backbone)      # the one layer listing, shared with extract
     found = resolve_node(layer, list(names)) if is_graph else (layer if layer in names else None)
     if found is not None:
         return None
     # suggest what `featx layers` lists (blocks), not the nodes deep inside them
-    from .errors import did_you_mean
-    from .extract import _known_layers
-    hint = did_you_mean(layer, _known_layers(backbone)[1], n=3, cutoff=0.5)
+    hint = did_you_mean(layer, listed, n=3, cutoff=0.5)
     hint = f" ({hint})" if hint else ""
     return f"no layer {_show(layer)} in {backbone}{hint}; list them with `featx layers {backbone}`"
 

@@ -51,6 +51,7 @@ MAX_ITER = 100
 # mean over rows, so this is a tolerance per row), or the objective stops moving
 TOL_GRAD = 1e-6
 TOL_CHANGE = 1e-10
+HISTORY = 10          # L-BFGS corrections kept
 
 
 def wide_grid() -> tuple:
@@ -163,7 +164,7 @@ class _Problem:
     def solve(self, C, max_iter=MAX_ITER) -> bool:
         """L-BFGS from the current W, b; True when it converged before the cap."""
         torch = self.torch
-        opt = torch.optim.LBFGS([self.W, self.b], lr=1, max_iter=max_iter, history_size=10,
+        opt = torch.optim.LBFGS([self.W, self.b], lr=1, max_iter=max_iter, history_size=HISTORY,
                                 tolerance_grad=TOL_GRAD, tolerance_change=TOL_CHANGE, line_search_fn="strong_wolfe")
 
         def closure():

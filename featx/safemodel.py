@@ -267,6 +267,17 @@ def _check_svc(est, where: str) -> None:
           and est._probA.shape == est._probB.shape and est._probA.shape in ((0,), icpt.shape))
     if not ok:
         raise Unsupported(f"{where}: support vectors, counts and coefficients do not agree")
+    # a precomputed kernel makes libsvm index the caller's matrix by support_: refused, as is any
+    # setting libsvm would read without checking
+    import numbers
+    finite = all(isinstance(getattr(est, a, None), numbers.Real) and np.isfinite(getattr(est, a))
+                 for a in ("_gamma", "coef0")) and isinstance(est.degree, numbers.Integral) and 0 <= est.degree <= 32
+    support_ok = len(est.support_) == 0 or (int(est.support_.min()) >= 0
+                                            and int(est.support_.max()) < int(est.shape_fit_[0]))
+    if est.kernel not in ("linear", "poly", "rbf", "sigmoid") or est._impl != "c_svc" or not finite \
+            or not support_ok:
+        raise Unsupported(f"{where}: an SVC with kernel {est.kernel!r} ({est._impl}), its support indices or its "
+                          "kernel parameters are not what a fitted featx rbf-svm holds")
 
 
 def rebuild(structure: dict, arrays: dict[str, np.ndarray]):

@@ -149,6 +149,23 @@ def test_inconsistent_svm_arrays_are_refused_before_libsvm_reads_them(tmp_path):
         load_bundle(path)
 
 
+@pytest.mark.parametrize("edit", ["kernel", "support"])
+def test_an_svm_that_would_make_libsvm_read_out_of_bounds_is_refused(tmp_path, edit):
+    X, y, _ = _data(3)
+    path = save_bundle(tmp_path / "s.featx", {"kind": "linear", "classes": ["0", "1", "2"]},
+                       make_pipeline_for("rbf-svm").fit(X, y))
+    structure = json.loads((path / "model.json").read_text())
+    svc = structure["model"]["params"]["steps"][1]["$tuple"][1]["$estimator"]["state"]["calibrated_classifiers_"][0]
+    est = svc["$estimator"]["params"]["estimator"]["$estimator"]
+    if edit == "kernel":      # libsvm would index the caller's matrix by the support indices
+        est["params"]["kernel"] = "precomputed"
+    else:                     # an index past the rows the model was fitted on
+        est["state"]["shape_fit_"] = {"$tuple": [1, est["state"]["shape_fit_"]["$tuple"][1]]}
+    _rewrite_model_json(path, structure)
+    with pytest.raises(BundleError, match="are not what a fitted featx rbf-svm holds"):
+        load_bundle(path)
+
+
 # --------------------------------------------------------------------------
 # real bundles: featx train, the old format, a planted pickle
 

@@ -466,8 +466,11 @@ def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weigh
     from .extract import extract
 
     parts = bundle.feature_parts
-    # --weights says where the first backbone's weights are now; the other parts' as recorded
-    resolved = [check_weights(bundle, weights if i == 0 else None, backbone=b) for i, (b, _) in enumerate(parts)]
+    # --weights says where the first backbone's weights are now: every part made with those same
+    # weights looks there; the others where the bundle recorded theirs
+    first = parts[0][0]
+    same = lambda b: (b["name"], b.get("weights_identity")) == (first["name"], first.get("weights_identity"))  # noqa: E731
+    resolved = [check_weights(bundle, weights if same(b) else None, backbone=b) for b, _ in parts]
     for _, spec in parts:
         if extract_options.get("runtime") == "onnx" and spec.precision != "fp32":
             raise ConfigError(f"--runtime onnx computes in fp32, and {bundle.path.name} was trained on "

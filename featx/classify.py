@@ -484,9 +484,11 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
     batched in torch, near-ties (within one standard error) going to the
     lower held-out loss. Other classifiers fit each grid value and fold
     with scikit-learn, in parallel with joblib when the problem is large
-    enough to pay for worker processes. The final pipeline is refitted
-    with scikit-learn on all of ``X_train`` (and the validation rows too
-    when ``final_fit="train+val"``).
+    enough to pay for worker processes. The final pipeline is refitted on
+    all of ``X_train`` (and the validation rows too when
+    ``final_fit="train+val"``): by the batched solver for ``logreg`` and
+    ``linear-svm`` (its numbers set into the scikit-learn estimators), by
+    scikit-learn for the others.
 
     Small classes: CV uses ``min(cv, smallest class count)`` folds. When
     the smallest class has a single training row no CV is possible; the
@@ -1023,7 +1025,8 @@ def _known(v) -> bool:
 def _rank_key(row: ComparisonRow):
     score = row.val_or_cv_score
     group, primary = (0, -score) if _known(score) else (1, 0.0)
-    loss = row.val_loss if _known(row.val_loss) else math.inf
+    # held-out losses compare only as log-losses (linear-svm's squared hinge is on another scale)
+    loss = row.val_loss if row.classifier == "logreg" and _known(row.val_loss) else math.inf
     simpler = SIMPLICITY.index(row.classifier) if row.classifier in SIMPLICITY else len(SIMPLICITY)
     fit = row.fit_seconds if _known(row.fit_seconds) else math.inf
     return group, primary, loss, row.dims or 0, simpler, fit
@@ -1032,9 +1035,9 @@ def _rank_key(row: ComparisonRow):
 def rank_rows(rows: Iterable[ComparisonRow]) -> list[ComparisonRow]:
     """Rows best first, by the val/CV score alone: the test split never chooses.
 
-    Ties go to the lower held-out loss, then the simpler model (fewer
-    dimensions, then logreg < linear-svm < sgd < knn < rbf-svm), then the
-    shorter fit; rows with no score come last; otherwise the input order is
+    Ties go to the lower held-out log-loss (rows that have one: logreg),
+    then the simpler model (fewer dimensions, then logreg < linear-svm <
+    sgd < knn < rbf-svm), then the shorter fit; rows with no score come last; otherwise the input order is
     kept. ``compare``, ``run`` and the reports all rank with this.
 
     Examples
@@ -1058,7 +1061,7 @@ def selection_note(rows: Iterable[ComparisonRow]) -> str:
         how = "by each row's val or CV accuracy"
     else:
         return "no row has a val/CV score: nothing was chosen"
-    return (f"* winner chosen {how} (ties: lower held-out loss, then the simpler model); "
+    return (f"* winner chosen {how} (ties: lower held-out log-loss, then the simpler model); "
             "test accuracy is shown, never used to choose")
 
 

@@ -1036,7 +1036,7 @@ class _Candidate:
 
 def choose_best(candidates: Sequence[_Candidate]):
     """The first candidate as :func:`featx.classify.rank_rows` ranks their rows
-    (the val/CV score; ties: lower held-out loss, the simpler model, the
+    (the val/CV score; ties: lower held-out log-loss, the simpler model, the
     faster fit, then the one listed first in the pipeline), the same ranking
     as ``featx compare``.
 

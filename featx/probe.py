@@ -27,8 +27,10 @@ quarter-decades around the best decade. The choice: the best mean accuracy, exce
 standard error of it counts as tied, and among the tied the one with the
 lowest held-out loss wins (log-loss for ``logreg``, squared hinge for
 ``linear-svm``), so the model kept gives usable probabilities rather than the
-flattest ones. The final model is still fitted by scikit-learn (see
-:func:`featx.classify.fit_classifier`); this module only chooses C.
+flattest ones. :func:`solve_final` fits the final model at the chosen C with
+the same solver (warm from the search, calibration folds in the same batch);
+:func:`featx.classify.fit_classifier` puts the numbers into real
+scikit-learn estimators.
 """
 
 from __future__ import annotations
@@ -122,7 +124,10 @@ class _Problem:
         self.K = n_classes
         self.cols = 1 if n_classes == 2 else n_classes
         self.Ttr = self._targets(self.ytr)
-        self.Tev = self._targets(self.yev)
+        # held-out rows of a class the training rows lack (label -1): always wrong, no loss
+        self.known_ev = (self.yev >= 0).float() * self.mev
+        self.yev_safe = self.yev.clamp(min=0)
+        self.Tev = self._targets(self.yev_safe)
         self.evals = 0                                   # objective evaluations, all C together
         self.W = torch.zeros((F, d, self.cols), dtype=torch.float32, requires_grad=True)
         self.b = torch.zeros((F, 1, self.cols), dtype=torch.float32, requires_grad=True)
@@ -158,7 +163,8 @@ class _Problem:
             Z = self.Xev @ self.W + self.b
             pred = (Z[..., 0] > 0).long() if self.cols == 1 else Z.argmax(-1)
             acc = ((pred == self.yev).float() * self.mev).sum(1) / self.n_ev_f
-            loss = (self._row_loss(Z, self.yev, self.Tev) * self.mev).sum(1) / self.n_ev_f
+            loss = (self._row_loss(Z, self.yev_safe, self.Tev) * self.known_ev).sum(1) \
+                / self.known_ev.sum(1).clamp(min=1)
         return acc.numpy().astype(np.float64), loss.numpy().astype(np.float64)
 
     def solve(self, C, max_iter=MAX_ITER) -> bool:

@@ -251,6 +251,7 @@ class SplitFeatures:
     ids: list[str]
     y: np.ndarray
     missing: int = 0      # images of the split the cache does not hold (unreadable)
+    source: str = ""      # the dataset split these rows are, when it differs from the key (val held out)
 
     def __len__(self):
         return len(self.ids)
@@ -278,6 +279,10 @@ def split_features(cache: FeatureCache, spec, ds: Dataset) -> dict[str, SplitFea
         samples = ds.subset(split)
         kept = [s for s in samples if s.id in have]
         out[split] = SplitFeatures([s.id for s in kept], ds.labels(kept), len(samples) - len(kept))
+    if getattr(ds, "held_out", None) == "val" and "test" not in out and "val" in out:
+        # val is the held-out split (--test-fraction 0): it scores the model, so it never chooses
+        # C nor trains: selection is by CV on train, and the "test" numbers are val's
+        out["test"] = dataclasses.replace(out.pop("val"), source="val")
     return out
 
 
@@ -377,7 +382,10 @@ def fit_on_cache(classifier: str, cache: FeatureCache, spec, data: dict[str, Spl
     fset = FeatureSet.of(spec)
     if "train" not in data or not len(data["train"]):
         raise ConfigError("the dataset has no train images with features; nothing to fit")
-    absent = [c for i, c in enumerate(classes) if i not in set(data["train"].y.tolist())]
+    fitted = set(data["train"].y.tolist())
+    if final_fit == "train+val" and classifier != "sgd" and data.get("val") is not None:
+        fitted |= set(data["val"].y.tolist())
+    absent = [c for i, c in enumerate(classes) if i not in fitted]
     if classifier == "sgd":
         if pca is not None:
             raise ConfigError("--pca does not apply to --classifier sgd (it streams features, PCA needs them all)")
@@ -394,6 +402,9 @@ def fit_on_cache(classifier: str, cache: FeatureCache, spec, data: dict[str, Spl
         names = ", ".join(repr(c) for c in absent)
         fit.notes.append(f"class {names} has no train images: never predicted" if len(absent) == 1 else
                          f"classes {names} have no train images: never predicted")
+    if data.get("test") is not None and data["test"].source == "val":
+        fit.notes.append("val is the held-out split: chosen by CV on train, fitted on train, "
+                         "the test columns are val's")
     return fit
 
 

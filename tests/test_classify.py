@@ -370,7 +370,7 @@ def test_format_table_marks_the_winner():
     assert sum(line.startswith("*  ") for line in lines) == 1
     assert "C=0.01" in lines[3] and "0.9300 (val)" in lines[3]
     assert [line[:4] for line in lines[2:7]] == ["*  1", "   2", "   3", "   4", "   5"]
-    assert lines[-1] == ("* winner chosen by each row's val or CV accuracy (ties: lower held-out loss, "
+    assert lines[-1] == ("* winner chosen by each row's val or CV accuracy (ties: lower held-out log-loss, "
                          "then the simpler model); test accuracy is shown, never used to choose")
 
 

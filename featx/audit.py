@@ -386,7 +386,13 @@ def fix_commands(result: AuditResult) -> dict[str, str]:
     if result.duplicates:
         first = result.duplicates[0]["group"]
         rows = [r for r in result.duplicates if r["group"] == first]
-        if rows[0]["leak"]:
+        if len(rows) > max(2, len(ds) // 4):
+            # a "group" of a quarter of the dataset is features that cannot tell images apart
+            # (random weights, a layer too early), not copies: no rm to paste
+            out["duplicates"] = (f"none: one group holds {len(rows)} of {len(ds)} images, so these features do not "
+                                 "tell the images apart; audit with pretrained weights (-w auto) or raise "
+                                 "--near-threshold")
+        elif rows[0]["leak"]:
             keep = rows[0]["split"]
             drop = [r["path"] for r in rows if r["split"] != keep]
             out["duplicates"] = f"rm {' '.join(_q(p) for p in drop)}   # keep the {keep} copy"

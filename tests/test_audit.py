@@ -236,3 +236,14 @@ def test_audit_without_labels_is_one_line_error(tmp_path):
     r = CliRunner().invoke(cli, ["audit", str(tmp_path / "loose"), *FAST, "--cache", str(tmp_path / "c"),
                                  "--layout", "none"])
     assert r.exit_code != 0 and "Error:" in r.output and len(r.output.strip().splitlines()) <= 2
+
+
+def test_no_rm_is_offered_when_the_features_cannot_tell_images_apart():
+    from types import SimpleNamespace
+
+    from featx.audit import fix_commands
+    rows = [{"group": 1, "path": f"/d/train/a/{i}.jpg", "split": "train", "label": "a", "kind": "near",
+             "similarity": 0.9999, "leak": True} for i in range(30)]
+    result = SimpleNamespace(dataset=list(range(40)), duplicates=rows, label_issues=[], outliers=[])
+    fix = fix_commands(result)["duplicates"]
+    assert fix.startswith("none: one group holds 30 of 40 images") and "rm " not in fix

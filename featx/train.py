@@ -627,6 +627,9 @@ def _train_request(backbone: str, layer: str | None) -> Request:
         return ((backbone, None),)
     others = [part.rpartition(":")[0] for part in layer.split("+") if ":" in part]
     backbones = list(dict.fromkeys([backbone, *[o for o in others if o]]))
+    if "+" in layer and len(backbones) > 1:
+        # the parts that name no backbone are the -b one's
+        layer = "+".join(part if ":" in part or not part.strip() else f"{backbone}:{part}" for part in layer.split("+"))
     requests = parse_features(backbones, [layer])
     return requests[-1] if "+" in layer else next(r for r in requests if r[0][0] == backbone)
 

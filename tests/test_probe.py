@@ -325,3 +325,8 @@ def test_weights_given_at_predict_time_serve_every_part_made_with_them(work, tmp
     r = _run("predict", model, *images, "-w", moved, "--cache", tmp_path / "c", "-q", "--format", "json")
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.stdout)) == 2
+
+
+def test_train_reads_unnamed_fusion_parts_as_the_backbone_given():
+    from featx.train import _train_request
+    assert _train_request("resnet18", "flatten+resnet50:layer3") == (("resnet18", "flatten"), ("resnet50", "layer3"))

@@ -428,12 +428,6 @@ def _fit_linear_batched(pipe, name, C, X, y, threads, warm=None) -> bool:
         return False
 
 
-def _test_rows(train_idx, n):
-    mask = np.ones(n, dtype=bool)
-    mask[train_idx] = False
-    return np.flatnonzero(mask)
-
-
 def _as_index_labels(y, labels):
     """Labels as indices into the sorted training labels (-1: not among them)."""
     index = {_plain(c): i for i, c in enumerate(labels)}
@@ -596,7 +590,8 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
             notes.append(f"class {small_names[0]!r} has {smallest} train images: "
                          f"used {folds}-fold CV instead of {cv}-fold")
         skf = StratifiedKFold(folds, shuffle=True, random_state=seed)
-        splits = [(tr, X[te], y[te]) for tr, te in skf.split(X, y)]
+        cv_folds = list(skf.split(X, y))
+        splits = [(tr, X[te], y[te]) for tr, te in cv_folds]
         score_source = f"cv{folds}"
         min_fit_rows = min(len(tr) for tr, _, _ in splits)
 
@@ -624,7 +619,7 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
              and np.issubdtype(X.dtype, np.number))
     if probe:
         from .probe import search_linear
-        folds = None if score_source == "val" else [(tr, _test_rows(tr, n)) for tr, _, _ in splits]
+        folds = None if score_source == "val" else cv_folds
         path = search_linear(name, X, _as_index_labels(y, labels),
                              splits=folds, X_val=splits[0][1] if folds is None else None,
                              y_val=_as_index_labels(splits[0][2], labels) if folds is None else None,

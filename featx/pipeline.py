@@ -910,30 +910,28 @@ def plan_pipeline(p: Pipeline, cache=None, force=(), *, dataset=None) -> Plan:
 
     train = []
     c = p.classifiers
-    for fset in _feature_sets(backbones, c.get("_fused") or []):
-        if True:
-            spec = fset
-            for name in c["names"]:
-                inputs = _model_inputs(spec, digest, name, c["grids"][name], c["cv"], c["pca"], seed,
-                                       c.get("final_fit", "train+val"))
-                model_id = f"{_slug(spec.backbone)}-{_slug(spec.layer)}-{name}-{_digest(inputs)[:10]}"
-                record = manifest.data["train"].get(model_id)
-                label = f"{spec.backbone} {spec.layer} {name}"
-                usable = (record is not None and record.get("inputs") == _digest(inputs)
-                          and str(record.get("file", "")).endswith("model.json")
-                          and _file_sha(p.out_dir / record["file"]) == record.get("sha256"))
-                if usable and "train" not in force:
-                    item = PlanItem("train", label, "reuse", record["file"], model_id, inputs)
-                else:
-                    from .classify import PROBE_SEARCHED, get_classifier_spec
-                    n = len(inputs["grid"])
-                    why = " (forced)" if "train" in force and usable else ""
-                    values = f"{n} value{'s' if n != 1 else ''}"
-                    if c["grids"][name] is None and name in PROBE_SEARCHED and c["pca"] is None:
-                        values = f"{min(inputs['grid']):.0e}..{max(inputs['grid']):.0e} (adaptive)"
-                    item = PlanItem("train", label, "compute",
-                                    f"{get_classifier_spec(name).param_name}: {values}{why}", model_id, inputs)
-                train.append(item)
+    for spec in _feature_sets(backbones, c.get("_fused") or []):
+        for name in c["names"]:
+            inputs = _model_inputs(spec, digest, name, c["grids"][name], c["cv"], c["pca"], seed,
+                                   c.get("final_fit", "train+val"))
+            model_id = f"{_slug(spec.backbone)}-{_slug(spec.layer)}-{name}-{_digest(inputs)[:10]}"
+            record = manifest.data["train"].get(model_id)
+            label = f"{spec.backbone} {spec.layer} {name}"
+            usable = (record is not None and record.get("inputs") == _digest(inputs)
+                      and str(record.get("file", "")).endswith("model.json")
+                      and _file_sha(p.out_dir / record["file"]) == record.get("sha256"))
+            if usable and "train" not in force:
+                item = PlanItem("train", label, "reuse", record["file"], model_id, inputs)
+            else:
+                from .classify import PROBE_SEARCHED, get_classifier_spec
+                n = len(inputs["grid"])
+                why = " (forced)" if "train" in force and usable else ""
+                values = f"{n} value{'s' if n != 1 else ''}"
+                if c["grids"][name] is None and name in PROBE_SEARCHED and c["pca"] is None:
+                    values = f"{min(inputs['grid']):.0e}..{max(inputs['grid']):.0e} (adaptive)"
+                item = PlanItem("train", label, "compute",
+                                f"{get_classifier_spec(name).param_name}: {values}{why}", model_id, inputs)
+            train.append(item)
 
     if p.finetune is None or not p.finetune["enabled"]:
         ft = PlanItem("finetune", "-", "skip", "no [finetune] table" if p.finetune is None else "enabled = false")

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -80,7 +80,8 @@ class PathResult:
     loss_name: str
     unconverged: list[float] = field(default_factory=list)
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
+    evaluations: int = 0       # objective evaluations of the whole search
+    state: Any = None          # (W, b) solved at the chosen C: where a final solve starts
 
     def table(self) -> list[tuple[float, float]]:
         """``(value, score)`` sorted by value."""
@@ -338,11 +339,9 @@ def _walk(torch, kind, X, y, folds, n_classes, values, single) -> PathResult:
     errors = [tried[v][1] for v in vals]
     losses = [tried[v][2] for v in vals]
     i = _choose(vals, scores, errors, losses)
-    result = PathResult(vals, scores, errors, losses, vals[i], scores[i],
-                        "log-loss" if kind == "logreg" else "squared hinge", sorted(set(unconverged)))
-    result.evaluations = prob.evals
-    result.state = states[vals[i]]
-    return result
+    return PathResult(vals, scores, errors, losses, vals[i], scores[i],
+                      "log-loss" if kind == "logreg" else "squared hinge", sorted(set(unconverged)),
+                      evaluations=prob.evals, state=states[vals[i]])
 
 
 def solve_final(kind: str, Z, y, C: float, *, folds: Sequence[tuple[np.ndarray, np.ndarray]] = (),

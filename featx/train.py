@@ -305,8 +305,7 @@ def _sgd_chunks(cache: FeatureCache, fset, data: SplitFeatures, rows_per_chunk: 
     """``chunks_for(seed)``: a ``chunks()`` for fit_sgd_stream whose every call
     (pass) reads the rows in a new seeded order of blocks. One fit, one seed:
     the same alpha gives the same model wherever it stands in the grid."""
-    key = fset
-    row_of = {x: i for i, x in enumerate(cache.ids(FeatureSet.of(fset).parts[0].key))}
+    row_of = {x: i for i, x in enumerate(cache.ids(FeatureSet.of(fset).parts[0].key))}   # storage order
     order = sorted(range(len(data.ids)), key=lambda i: row_of[data.ids[i]])   # storage order
     block = max(1, min(SGD_BLOCK_ROWS, rows_per_chunk))
     blocks = [order[s:s + block] for s in range(0, len(order), block)]
@@ -318,13 +317,13 @@ def _sgd_chunks(cache: FeatureCache, fset, data: SplitFeatures, rows_per_chunk: 
             positions = [i for b in rng.permutation(len(blocks)) for i in blocks[b]]
             ids = [data.ids[i] for i in positions]
             y = data.y[positions]
-            for pos, X in iter_feature_chunks(cache, key, ids, rows_per_chunk):
+            for pos, X in iter_feature_chunks(cache, fset, ids, rows_per_chunk):
                 yield X, y[pos]
         return chunks
     return chunks_for
 
 
-def fit_sgd_streamed(cache: FeatureCache, key, data: dict[str, SplitFeatures], *,
+def fit_sgd_streamed(cache: FeatureCache, fset, data: dict[str, SplitFeatures], *,
                      grid: Sequence | None = None, seed: int = 0, epochs: int = 5,
                      rows_per_chunk: int = 4096, n_classes: int) -> FitResult:
     """SGD trained chunk by chunk from the cache; alpha chosen on the val split.
@@ -338,7 +337,7 @@ def fit_sgd_streamed(cache: FeatureCache, key, data: dict[str, SplitFeatures], *
     values = list(grid) if grid else list(spec.grid)
     default = spec.default if not grid else sorted(values)[(len(values) - 1) // 2]
     notes: list[str] = []
-    chunks_for = _sgd_chunks(cache, key, train, rows_per_chunk)
+    chunks_for = _sgd_chunks(cache, fset, train, rows_per_chunk)
     val = data.get("val")
     t0 = time.perf_counter()
     search, val_score, source = [], None, "none"
@@ -348,7 +347,7 @@ def fit_sgd_streamed(cache: FeatureCache, key, data: dict[str, SplitFeatures], *
             t = time.perf_counter()
             pipe = fit_sgd_stream(chunks_for(seed), classes, alpha=alpha, epochs=epochs, seed=seed)
             fitted.append((pipe, time.perf_counter() - t))
-            scores.append(float(np.mean(_predict_streamed(pipe, cache, key, val.ids, rows_per_chunk) == val.y)))
+            scores.append(float(np.mean(_predict_streamed(pipe, cache, fset, val.ids, rows_per_chunk) == val.y)))
         best = max(scores)
         i = max(j for j, s in enumerate(scores) if s >= best - 1e-12)   # higher alpha = simpler
         pipe, fit_seconds = fitted[i]
@@ -363,7 +362,7 @@ def fit_sgd_streamed(cache: FeatureCache, key, data: dict[str, SplitFeatures], *
         pipe = fit_sgd_stream(chunks_for(seed), classes, alpha=chosen, epochs=epochs, seed=seed)
         fit_seconds = time.perf_counter() - t
         if val is not None and len(val):
-            predicted = _predict_streamed(pipe, cache, key, val.ids, rows_per_chunk)
+            predicted = _predict_streamed(pipe, cache, fset, val.ids, rows_per_chunk)
             val_score, source = float(np.mean(predicted == val.y)), "val"
     # the chosen fit is fit_seconds; the search is everything else
     return FitResult(pipe, "sgd", spec.param_name, chosen, search, source, val_score, None,
@@ -420,10 +419,6 @@ def evaluate_test_split(fit: FitResult, cache: FeatureCache, spec, data: dict[st
 
 # --------------------------------------------------------------------------
 # extraction of feature requests
-
-
-def _backbones_of(requests: Sequence[Request]) -> list[str]:
-    return list(dict.fromkeys(b for r in requests for b, _ in r))
 
 
 def _extract_requests(ds, requests: Sequence[Request], *, weights_for, cache: FeatureCache, seed: int,

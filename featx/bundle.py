@@ -483,19 +483,27 @@ def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weigh
     extracted = cached = 0
     seconds = 0.0
     have: set[str] | None = None
-    for (b, spec), rw in zip(parts, resolved):       # every part a fusion needs, extracted where missing
+    # every part a fusion needs, extracted where missing: the parts of one network (same weights,
+    # pooling, precision, storage) in one pass over the images, as compare and train extract them
+    passes: dict[tuple, list[int]] = {}
+    for i, ((b, spec), rw) in enumerate(zip(parts, resolved)):
+        passes.setdefault((b["name"], rw.identity, spec.pool, spec.precision, spec.storage, spec.format), []).append(i)
+    for members in passes.values():
+        (b, spec), rw = parts[members[0]], resolved[members[0]]
         report = extract(samples, b["name"], weights=str(rw.path) if rw.kind == "file" else _weights_request(b),
-                         layers=[spec.layer], pool=spec.pool, precision=spec.precision, storage=spec.storage,
-                         cache=cache, progress=progress, seed=int(b.get("seed", 0)), notify=notify,
-                         feature_format=spec.format, **extract_options)
-        if report.specs[0].canonical() != spec.canonical():
-            raise BundleError(f"{bundle.path}: its features were {spec.canonical()}, this featx computes "
-                              f"{report.specs[0].canonical()}; train the model again")
+                         layers=[parts[i][1].layer for i in members], pool=spec.pool, precision=spec.precision,
+                         storage=spec.storage, cache=cache, progress=progress, seed=int(b.get("seed", 0)),
+                         notify=notify, feature_format=spec.format, **extract_options)
+        for i, got in zip(members, report.specs):
+            want = parts[i][1]
+            if got.canonical() != want.canonical():
+                raise BundleError(f"{bundle.path}: its features were {want.canonical()}, this featx computes "
+                                  f"{got.canonical()}; train the model again")
+            ids = set(cache.ids(want.key))
+            have = ids if have is None else have & ids
         reasons.update(dict(report.skipped))
         extracted, cached = max(extracted, report.n_extracted), max(cached, report.n_cached)
         seconds += report.seconds
-        ids = set(cache.ids(spec.key))
-        have = ids if have is None else have & ids
     errors = [None if s.id in have else reasons.get(str(s.path), "could not be read") for s in samples]
     good = [i for i, e in enumerate(errors) if e is None]
     if good:

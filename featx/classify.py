@@ -463,6 +463,166 @@ def _pick(spec, values, scores):
     return (min(tied) if spec.simpler == "low" else max(tied)), best
 
 
+@dataclass
+class _Splits:
+    """Where a search scores each value: ``(train indices or None, X_eval, y_eval)`` per split."""
+
+    splits: list
+    score_source: str                 # "val", "cvK" or "none"
+    min_fit_rows: int                 # the fewest rows one search fit trains on
+    cv_folds: list | None = None      # (train, held-out) indices of the CV folds
+
+
+def _training_rows(X_train, y_train, class_names):
+    """``(X, y, labels, counts)`` of the training split; DatasetError below two classes."""
+    X, y = _as_xy(X_train, y_train, "training split")
+    labels, counts = np.unique(y, return_counts=True)
+    if len(labels) == 0:
+        raise DatasetError("the training split is empty: nothing to fit")
+    if len(labels) < 2:
+        raise DatasetError(
+            f"the training split has a single class ({_label_name(labels[0], class_names)!r}): "
+            "a classifier needs at least 2 classes")
+    return X, y, labels, counts
+
+
+def _grid_values(spec, name, grid):
+    """The values to search, and the one used without a search (the registry
+    default, or the middle of ``grid``)."""
+    if grid is None:
+        return list(spec.grid), spec.default
+    values = [_plain(v) for v in grid]
+    if not values:
+        raise ConfigError(f"the grid of {spec.param_name} for {name} is empty")
+    ordered = sorted(values)
+    return values, ordered[(len(ordered) - 1) // 2]
+
+
+def _selection_splits(X, y, X_val, y_val, cv, seed, smallest, small_names, pn, default,
+                      notes) -> _Splits:
+    """The validation split; else stratified K-fold CV (fewer folds for a small
+    class); else none, with a note, when a class has a single row."""
+    n, d = X.shape
+    if X_val is not None:
+        Xv, yv = _as_xy(X_val, y_val, "validation split")
+        if Xv.shape[1] != d:
+            raise ValueError(f"validation features have {Xv.shape[1]} dims, training {d}")
+        return _Splits([(None, Xv, yv)], "val", n)
+    if smallest < 2:
+        who = (f"class {small_names[0]!r} has" if len(small_names) == 1 else
+               f"classes {', '.join(repr(s) for s in small_names[:5])}"
+               f"{' ...' if len(small_names) > 5 else ''} have")
+        notes.append(f"{who} 1 train image{'' if len(small_names) == 1 else ' each'}: "
+                     "fewer than 2 CV folds possible, "
+                     f"used {pn}={_fmt_value(default)} without search")
+        return _Splits([], "none", n)
+    folds = min(int(cv), smallest)
+    if folds < cv:
+        notes.append(f"class {small_names[0]!r} has {smallest} train images: "
+                     f"used {folds}-fold CV instead of {cv}-fold")
+    cv_folds = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y))
+    splits = [(tr, X[te], y[te]) for tr, te in cv_folds]
+    return _Splits(splits, f"cv{folds}", min(len(tr) for tr, _, _ in splits), cv_folds)
+
+
+def _fit_within_rows(pca, values, default, pn, min_fit_rows, d, notes):
+    """``(pca, values, default)`` lowered, with notes, to what a fit on
+    ``min_fit_rows`` rows of ``d`` dims allows (PCA components, n_neighbors)."""
+    max_components = min(min_fit_rows, d)
+    if isinstance(pca, int) and pca > max_components:
+        why = (f"the features have {d} dims" if d <= min_fit_rows
+               else f"a fit sees only {min_fit_rows} training rows")
+        notes.append(f"pca={pca} is more components than possible ({why}): "
+                     f"used pca={max_components}")
+        pca = max_components
+    if pn == "n_neighbors":
+        too_big = [v for v in values if v > min_fit_rows]
+        if too_big:
+            values = [v for v in values if v <= min_fit_rows] or [min_fit_rows]
+            notes.append(f"n_neighbors {', '.join(map(str, too_big))} dropped: "
+                         f"a fit sees only {min_fit_rows} training rows")
+            if default > min_fit_rows:
+                default = values[(len(values) - 1) // 2]
+    return pca, values, default
+
+
+def _search_batched(name, X, y, labels, plan, values, grid, n_jobs, pn, notes):
+    """:func:`featx.probe.search_linear` over the plan's splits:
+    ``(chosen, best, search, val_loss, path)``, with a note when the best is
+    at an end of the grid."""
+    from .probe import search_linear
+    folds = None if plan.score_source == "val" else plan.cv_folds
+    path = search_linear(name, X, _as_index_labels(y, labels),
+                         splits=folds, X_val=plan.splits[0][1] if folds is None else None,
+                         y_val=_as_index_labels(plan.splits[0][2], labels) if folds is None else None,
+                         values=None if grid is None else values,
+                         threads=_search_threads(n_jobs))
+    chosen = path.chosen
+    low, high = min(values), max(values)
+    if chosen <= low or chosen >= high:
+        side = "smallest" if chosen <= low else "largest"
+        notes.append(f"{pn}={_fmt_value(chosen)} is the {side} value of the grid: the best may lie "
+                     f"beyond it (give wider values with --C)")
+    return (chosen, path.best, [(_plain(v), s) for v, s in path.table()],
+            path.losses[path.values.index(chosen)], path)
+
+
+def _search_each(spec, name, X, y, plan, values, pca, seed, n_jobs, notes):
+    """One scikit-learn fit per value and split, with joblib: ``(chosen, best,
+    search)``, with a note on fits that did not converge."""
+    n, d = X.shape
+    pn = spec.param_name
+    splits = plan.splits
+    tasks = [(vi, si) for vi in range(len(values)) for si in range(len(splits))]
+    results = Parallel(n_jobs=_workers_for(n_jobs, n, d, len(tasks), name))(
+        delayed(_score_setting)(name, {pn: values[vi]}, pca, seed, X, y,
+                                splits[si][0], splits[si][1], splits[si][2])
+        for vi, si in tasks)
+    per_value = [[] for _ in values]
+    unconverged = {}
+    for (vi, _), (score, warned) in zip(tasks, results):
+        per_value[vi].append(score)
+        if warned:
+            unconverged[values[vi]] = unconverged.get(values[vi], 0) + 1
+    means = [float(np.mean(s)) for s in per_value]
+    chosen, best = _pick(spec, values, means)
+    if unconverged:
+        notes.append(
+            f"solver did not converge in {sum(unconverged.values())} search fit(s) "
+            f"({pn}={', '.join(_fmt_value(v) for v in unconverged)}); "
+            "their scores may be pessimistic")
+    return chosen, best, [(_plain(v), m) for v, m in zip(values, means)]
+
+
+def _final_pipeline(name, spec, chosen, pca, seed, probability, smallest, small_names, notes):
+    """The unfitted final pipeline; its calibration folds fit the smallest
+    class (the training rows themselves, with a note, for a class of one row)."""
+    pipe = make_pipeline_for(name, {spec.param_name: chosen}, pca=pca, seed=seed,
+                             probability=probability)
+    if probability and spec.calibrated:
+        if smallest >= 2:
+            pipe.set_params(clf__cv=StratifiedKFold(min(CALIBRATION_FOLDS, smallest),
+                                                    shuffle=True, random_state=seed))
+        else:
+            pipe.set_params(clf__cv=_Resubstitution())
+            notes.append(f"{name} probabilities calibrated on the training rows themselves "
+                         f"(class {small_names[0]!r} has 1 train image, no held-out fold "
+                         "possible): they are over-confident")
+    return pipe
+
+
+def _fit_final(pipe, name, chosen, pca, smallest, X_fit, y_fit, n_jobs, warm):
+    """Fit the final pipeline, by the batched solver where it applies (logreg,
+    calibrated linear-svm, no PCA), else scikit-learn; its ConvergenceWarning messages."""
+    final = pipe.named_steps["clf"]
+    batched = (name == "logreg" or (name == "linear-svm" and isinstance(final, CalibratedClassifierCV)
+                                    and isinstance(final.cv, StratifiedKFold)))
+    fitted = False
+    if batched and pca is None and smallest >= 2:
+        fitted = _fit_linear_batched(pipe, name, chosen, X_fit, y_fit, _search_threads(n_jobs), warm)
+    return [] if fitted else _fit_quietly(pipe, X_fit, y_fit)
+
+
 def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
                    grid: Sequence | None = None, pca: int | float | None = None,
                    cv: int = 5, n_jobs: int | None = None, seed: int = 0,
@@ -539,167 +699,78 @@ def fit_classifier(name: str, X_train, y_train, *, X_val=None, y_val=None,
     """
     spec = get_classifier_spec(name)
     pca = _check_pca(pca)
-    X, y = _as_xy(X_train, y_train, "training split")
-    labels, counts = np.unique(y, return_counts=True)
-    if len(labels) == 0:
-        raise DatasetError("the training split is empty: nothing to fit")
-    if len(labels) < 2:
-        raise DatasetError(
-            f"the training split has a single class ({_label_name(labels[0], class_names)!r}): "
-            "a classifier needs at least 2 classes")
-    if grid is None:
-        values, default = list(spec.grid), spec.default
-    else:
-        values = [_plain(v) for v in grid]
-        if not values:
-            raise ConfigError(f"the grid of {spec.param_name} for {name} is empty")
-        ordered = sorted(values)
-        default = ordered[(len(ordered) - 1) // 2]
+    X, y, labels, counts = _training_rows(X_train, y_train, class_names)
+    values, default = _grid_values(spec, name, grid)
     if isinstance(cv, bool) or not isinstance(cv, (int, np.integer)) or cv < 2:
         raise ConfigError(f"cv={cv!r}: cross-validation needs an integer number of folds >= 2")
     if final_fit not in FINAL_FITS:
         raise ConfigError(f"final_fit={final_fit!r}: choose from {', '.join(FINAL_FITS)}")
     notes: list[str] = []
-    n, d = X.shape
     pn = spec.param_name
     smallest = int(counts.min())
     small_names = [_label_name(lab, class_names) for lab, c in zip(labels, counts) if c == smallest]
-
-    # Plan the evaluations: (train indices or None, X_eval, y_eval) per split.
-    if X_val is not None:
-        Xv, yv = _as_xy(X_val, y_val, "validation split")
-        if Xv.shape[1] != d:
-            raise ValueError(f"validation features have {Xv.shape[1]} dims, training {d}")
-        splits = [(None, Xv, yv)]
-        score_source = "val"
-        min_fit_rows = n
-    elif smallest < 2:
-        splits = []
-        score_source = "none"
-        min_fit_rows = n
-        who = (f"class {small_names[0]!r} has" if len(small_names) == 1 else
-               f"classes {', '.join(repr(s) for s in small_names[:5])}"
-               f"{' ...' if len(small_names) > 5 else ''} have")
-        notes.append(f"{who} 1 train image{'' if len(small_names) == 1 else ' each'}: "
-                     "fewer than 2 CV folds possible, "
-                     f"used {pn}={_fmt_value(default)} without search")
+    plan = _selection_splits(X, y, X_val, y_val, cv, seed, smallest, small_names, pn, default, notes)
+    if not plan.splits:
         values = [default]
-    else:
-        folds = min(int(cv), smallest)
-        if folds < cv:
-            notes.append(f"class {small_names[0]!r} has {smallest} train images: "
-                         f"used {folds}-fold CV instead of {cv}-fold")
-        skf = StratifiedKFold(folds, shuffle=True, random_state=seed)
-        cv_folds = list(skf.split(X, y))
-        splits = [(tr, X[te], y[te]) for tr, te in cv_folds]
-        score_source = f"cv{folds}"
-        min_fit_rows = min(len(tr) for tr, _, _ in splits)
-
-    # Settings that cannot work on the rows a fold trains on.
-    max_components = min(min_fit_rows, d)
-    if isinstance(pca, int) and pca > max_components:
-        why = (f"the features have {d} dims" if d <= min_fit_rows
-               else f"a fit sees only {min_fit_rows} training rows")
-        notes.append(f"pca={pca} is more components than possible ({why}): "
-                     f"used pca={max_components}")
-        pca = max_components
-    if pn == "n_neighbors":
-        too_big = [v for v in values if v > min_fit_rows]
-        if too_big:
-            values = [v for v in values if v <= min_fit_rows] or [min_fit_rows]
-            notes.append(f"n_neighbors {', '.join(map(str, too_big))} dropped: "
-                         f"a fit sees only {min_fit_rows} training rows")
-            if default > min_fit_rows:
-                default = values[(len(values) - 1) // 2]
+    pca, values, default = _fit_within_rows(pca, values, default, pn, plan.min_fit_rows,
+                                            X.shape[1], notes)
 
     t0 = time.perf_counter()
-    search: list[tuple[Any, float]] = []
-    val_score = cv_score = val_loss = None
-    probe = (name in PROBE_SEARCHED and pca is None and splits and len(values) > 1
-             and np.issubdtype(X.dtype, np.number))
-    if probe:
-        from .probe import search_linear
-        folds = None if score_source == "val" else cv_folds
-        path = search_linear(name, X, _as_index_labels(y, labels),
-                             splits=folds, X_val=splits[0][1] if folds is None else None,
-                             y_val=_as_index_labels(splits[0][2], labels) if folds is None else None,
-                             values=None if grid is None else values,
-                             threads=_search_threads(n_jobs))
-        chosen, best, val_loss = path.chosen, path.best, path.losses[path.values.index(path.chosen)]
-        search = [(_plain(v), s) for v, s in path.table()]
-        if score_source == "val":
-            val_score = best
-        else:
-            cv_score = best
-        low, high = min(values), max(values)
-        if chosen <= low or chosen >= high:
-            side = "smallest" if chosen <= low else "largest"
-            notes.append(f"{pn}={_fmt_value(chosen)} is the {side} value of the grid: the best may lie "
-                         f"beyond it (give wider values with --C)")
-    elif splits and len(values) >= 1:
-        tasks = [(vi, si) for vi in range(len(values)) for si in range(len(splits))]
-        results = Parallel(n_jobs=_workers_for(n_jobs, n, d, len(tasks), name))(
-            delayed(_score_setting)(name, {pn: values[vi]}, pca, seed, X, y,
-                                    splits[si][0], splits[si][1], splits[si][2])
-            for vi, si in tasks)
-        per_value = [[] for _ in values]
-        unconverged = {}
-        for (vi, _), (score, warned) in zip(tasks, results):
-            per_value[vi].append(score)
-            if warned:
-                unconverged[values[vi]] = unconverged.get(values[vi], 0) + 1
-        means = [float(np.mean(s)) for s in per_value]
-        search = [(_plain(v), m) for v, m in zip(values, means)]
-        chosen, best = _pick(spec, values, means)
-        if score_source == "val":
-            val_score = best
-        else:
-            cv_score = best
-        if unconverged:
-            notes.append(
-                f"solver did not converge in {sum(unconverged.values())} search fit(s) "
-                f"({pn}={', '.join(_fmt_value(v) for v in unconverged)}); "
-                "their scores may be pessimistic")
+    search, best, val_loss, path = [], None, None, None
+    if (name in PROBE_SEARCHED and pca is None and plan.splits and len(values) > 1
+            and np.issubdtype(X.dtype, np.number)):
+        chosen, best, search, val_loss, path = _search_batched(
+            name, X, y, labels, plan, values, grid, n_jobs, pn, notes)
+    elif plan.splits and len(values) >= 1:
+        chosen, best, search = _search_each(spec, name, X, y, plan, values, pca, seed, n_jobs, notes)
     else:
         chosen = default
     search_seconds = time.perf_counter() - t0
+    val_score, cv_score = (best, None) if plan.score_source == "val" else (None, best)
 
-    pipe = make_pipeline_for(name, {pn: chosen}, pca=pca, seed=seed, probability=probability)
-    if probability and spec.calibrated:
-        if smallest >= 2:
-            pipe.set_params(clf__cv=StratifiedKFold(min(CALIBRATION_FOLDS, smallest),
-                                                    shuffle=True, random_state=seed))
-        else:
-            pipe.set_params(clf__cv=_Resubstitution())
-            notes.append(f"{name} probabilities calibrated on the training rows themselves "
-                         f"(class {small_names[0]!r} has 1 train image, no held-out fold "
-                         "possible): they are over-confident")
-    fit_on = ("train",)
-    X_fit, y_fit = X, y
-    if final_fit == "train+val" and score_source == "val":
-        X_fit, y_fit = np.concatenate([X, splits[0][1]]), np.concatenate([y, splits[0][2]])
+    pipe = _final_pipeline(name, spec, chosen, pca, seed, probability, smallest, small_names, notes)
+    X_fit, y_fit, fit_on = X, y, ("train",)
+    if final_fit == "train+val" and plan.score_source == "val":
+        X_fit, y_fit = np.concatenate([X, plan.splits[0][1]]), np.concatenate([y, plan.splits[0][2]])
         fit_on = ("train", "val")
     t1 = time.perf_counter()
-    fitted = False
-    final = pipe.named_steps["clf"]
-    batched = (name == "logreg" or (name == "linear-svm" and isinstance(final, CalibratedClassifierCV)
-                                    and isinstance(final.cv, StratifiedKFold)))
-    if batched and pca is None and smallest >= 2:
-        warm = getattr(path, "state", None) if probe else None
-        fitted = _fit_linear_batched(pipe, name, chosen, X_fit, y_fit, _search_threads(n_jobs), warm)
-    messages = [] if fitted else _fit_quietly(pipe, X_fit, y_fit)
+    messages = _fit_final(pipe, name, chosen, pca, smallest, X_fit, y_fit, n_jobs,
+                          getattr(path, "state", None))
     fit_seconds = time.perf_counter() - t1
     if messages:
         notes.append(f"final fit ({pn}={_fmt_value(chosen)}) did not converge: {messages[0]}")
     return FitResult(pipeline=pipe, name=name, param_name=pn, chosen=_plain(chosen),
-                     search=search, score_source=score_source, val_score=val_score,
+                     search=search, score_source=plan.score_source, val_score=val_score,
                      cv_score=cv_score, fit_seconds=fit_seconds,
                      search_seconds=search_seconds, notes=notes, val_loss=val_loss, fit_on=fit_on,
-                     path=path if probe else None)
+                     path=path)
 
 
 # --------------------------------------------------------------------------
 # out of core
+
+
+def _read_chunks(chunks) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One pass over ``chunks()``: its non-empty ``(X, y)`` chunks, checked."""
+    for Xc, yc in chunks():
+        Xc, yc = _as_xy(Xc, yc, "chunk")
+        if len(yc):
+            yield Xc, yc
+
+
+def _stream_scaler(chunks, known) -> StandardScaler:
+    """A StandardScaler fitted over one pass of ``chunks()``, whose labels must all be ``known``."""
+    scaler = StandardScaler()
+    rows = 0
+    for Xc, yc in _read_chunks(chunks):
+        unknown = set(np.unique(yc).tolist()) - known
+        if unknown:
+            raise ValueError(f"chunk has labels {sorted(unknown)[:5]} not in classes")
+        scaler.partial_fit(Xc)
+        rows += len(Xc)
+    if rows == 0:
+        raise ValueError("chunks() yielded no rows")
+    return scaler
 
 
 def fit_sgd_stream(chunks: Callable[[], Iterable[tuple[Any, Any]]], classes, *,
@@ -748,28 +819,11 @@ def fit_sgd_stream(chunks: Callable[[], Iterable[tuple[Any, Any]]], classes, *,
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
         raise ConfigError(f"epochs={epochs!r}: give an integer >= 1")
     classes = np.asarray(classes)
-    known = set(classes.tolist())
-
-    def _read() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for Xc, yc in chunks():
-            Xc, yc = _as_xy(Xc, yc, "chunk")
-            if len(yc):
-                yield Xc, yc
-
-    scaler = StandardScaler()
-    rows = 0
-    for Xc, yc in _read():
-        unknown = set(np.unique(yc).tolist()) - known
-        if unknown:
-            raise ValueError(f"chunk has labels {sorted(unknown)[:5]} not in classes")
-        scaler.partial_fit(Xc)
-        rows += len(Xc)
-    if rows == 0:
-        raise ValueError("chunks() yielded no rows")
+    scaler = _stream_scaler(chunks, set(classes.tolist()))
     sgd = SGDClassifier(loss="log_loss", alpha=alpha, random_state=seed)
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
-        for Xc, yc in _read():
+        for Xc, yc in _read_chunks(chunks):
             order = rng.permutation(len(Xc))
             sgd.partial_fit(scaler.transform(Xc[order]), yc[order], classes=classes)
     return Pipeline([("scale", scaler), ("clf", sgd)])
@@ -840,6 +894,37 @@ def _ranking(proba: np.ndarray) -> np.ndarray:
     return np.argsort(-proba, axis=1, kind="stable")
 
 
+def _top_k_accuracy(ranking, y, top_k, k_classes) -> dict:
+    """``{"k": accuracy}`` for each k of ``top_k`` below ``k_classes``."""
+    top = {}
+    for k in top_k:
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"top_k values must be >= 1, got {k}")
+        if k < k_classes:
+            hit = (ranking[:, :k] == y[:, None]).any(axis=1) if len(y) else np.zeros(0)
+            top[str(k)] = float(hit.mean()) if len(y) else 0.0
+    return top
+
+
+def _precision_recall_f1(y, pred, classes):
+    """``({"macro": ..., "weighted": ...}, {class: {..., "support"}})`` of
+    precision, recall and F1; 0 for a class never predicted."""
+    labels = np.arange(len(classes))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    averages = {}
+    for avg in ("macro", "weighted"):
+        ap, ar, af, _ = precision_recall_fscore_support(y, pred, labels=labels,
+                                                        average=avg, zero_division=0)
+        averages[avg] = {"precision": float(ap), "recall": float(ar), "f1": float(af)}
+    per_class = {
+        c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+            "support": int(s[i])}
+        for i, c in enumerate(classes)
+    }
+    return averages, per_class
+
+
 def evaluate(y_true, proba, classes: Sequence[str], top_k: Sequence[int] = (1, 5)) -> dict:
     """Metrics of probabilistic predictions, as plain JSON-ready numbers.
 
@@ -883,25 +968,8 @@ def evaluate(y_true, proba, classes: Sequence[str], top_k: Sequence[int] = (1, 5
     labels = np.arange(k_classes)
     ranking = _ranking(proba)
     pred = ranking[:, 0] if len(y) else np.zeros(0, dtype=np.int64)
-    top = {}
-    for k in top_k:
-        k = int(k)
-        if k < 1:
-            raise ValueError(f"top_k values must be >= 1, got {k}")
-        if k < k_classes:
-            hit = (ranking[:, :k] == y[:, None]).any(axis=1) if len(y) else np.zeros(0)
-            top[str(k)] = float(hit.mean()) if len(y) else 0.0
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    averages = {}
-    for avg in ("macro", "weighted"):
-        ap, ar, af, _ = precision_recall_fscore_support(y, pred, labels=labels,
-                                                        average=avg, zero_division=0)
-        averages[avg] = {"precision": float(ap), "recall": float(ar), "f1": float(af)}
-    per_class = {
-        c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-            "support": int(s[i])}
-        for i, c in enumerate(classes)
-    }
+    top = _top_k_accuracy(ranking, y, top_k, k_classes)
+    averages, per_class = _precision_recall_f1(y, pred, classes)
     cm = confusion_matrix(y, pred, labels=labels) if len(y) else np.zeros((k_classes,) * 2, int)
     return {
         "n": int(len(y)),
@@ -1088,7 +1156,7 @@ def format_table(rows: Iterable[ComparisonRow]) -> str:
     ...         ComparisonRow("resnet18", "avgpool", 512, "knn", "n_neighbors", 5, 0.8, "cv5", 0.85)]
     >>> print(format_table(rows).splitlines()[2][:37])
     *  1  resnet18  avgpool   512  logreg
-    >>> print(format_table(rows).splitlines()[-1][:43])
+    >>> print(format_table(rows).splitlines()[-1][:46])
     * winner chosen by 5-fold CV accuracy on train
     """
     ranked = rank_rows(rows)

@@ -64,7 +64,7 @@ def test_library_functions_default_to_the_tables():
 
 
 def test_a_newcomer_adds_an_option_in_one_place(monkeypatch):
-    from featx import pipeline
+    from featx.pipeline import schema
     new = Option("tile_size", "int", None, "Split big images into tiles of this many pixels.", low=32, table="engine")
     monkeypatch.setattr(options, "EXTRACT", options.EXTRACT + (new,))
 
@@ -78,7 +78,7 @@ def test_a_newcomer_adds_an_option_in_one_place(monkeypatch):
     assert CliRunner().invoke(extract_like, ["--tile-size", "64"]).output.strip() == "64"
     bad = CliRunner().invoke(extract_like, ["--tile-size", "8"])
     assert bad.exit_code == 2 and "8 is not in the range x>=32" in bad.output
-    keys = pipeline._keys(options.EXTRACT, "engine")
+    keys = schema._keys(options.EXTRACT, "engine")
     assert keys["tile_size"].default is None and keys["tile_size"].check(8) == "must be at least 32"
 
 

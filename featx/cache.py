@@ -674,6 +674,28 @@ def _versions_once() -> dict:
 
 
 @dataclass
+class _Commit:
+    """What one commit changes: undone if it fails, cleaned up after it stands."""
+
+    dim: int | None
+    renamed: list = field(default_factory=list)    # (part, segment): renamed back if the commit fails
+    written: list = field(default_factory=list)    # new segment files: removed if the commit fails
+    consumed: list = field(default_factory=list)   # parts and orphans whose rows are committed: removed after
+    new_segs: list = field(default_factory=list)   # log entries of the new segments
+    replaced: list = field(default_factory=list)   # names of segments rewritten without damaged rows
+    dropped: list = field(default_factory=list)    # (segment name, damaged row ranges)
+    added: int = 0
+
+    def undo(self):
+        for src, dst in reversed(self.renamed):
+            with contextlib.suppress(OSError):
+                os.rename(dst, src)
+        for p in self.written:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+@dataclass
 class EntryInfo:
     key: str
     path: Path
@@ -1308,9 +1330,7 @@ class FeatureCache:
         if log is None and legacy.exists():
             if not writable:
                 if parts:
-                    raise CacheWriteError(f"{self.root} cannot be written (read-only or no permission), so the "
-                                          f"rows in {self.parts_dir(key)} cannot be merged; use a --cache folder "
-                                          "you can write")
+                    raise self._cannot_merge(key)
                 return 0          # a read-only cache is served as it is
             log = self._migrate(key, spec, notify)
         elif log is not None and legacy.exists() and writable:
@@ -1326,101 +1346,126 @@ class FeatureCache:
         if not writable:
             if not parts and not orphans:
                 return 0     # only a dataset record to keep: a read-only cache stays as it is
-            raise CacheWriteError(f"{self.root} cannot be written (read-only or no permission), so the "
-                                  f"rows in {self.parts_dir(key)} cannot be merged; use a --cache folder "
-                                  "you can write")
+            raise self._cannot_merge(key)
         log = log or self._new_log(key, spec)
         committed = (self._committed_filter(key, log) if self.log_path(key).exists()
                      else (lambda q: np.zeros(len(q), bool)))
-        dim = int(log.get("dim") or 0) or None
-        renamed: list[tuple[Path, Path]] = []    # (part, segment): undone if the commit fails
-        written: list[Path] = []                 # new segment files: removed if the commit fails
-        consumed: list[Path] = []                # parts and orphans whose rows are committed: removed after
-        new_segs: list[dict] = []
-        replaced: list[str] = []
-        dropped: list[tuple[str, list]] = []
-        added = 0
+        c = _Commit(dim=int(log.get("dim") or 0) or None)
         try:
-            taken: set[bytes] = set()
-            merge: list[tuple[Path, np.ndarray]] = []
-            for p in orphans + parts:
-                reason = _part_problem(p, key)
-                if reason is None:
-                    try:
-                        with h5py.File(p, "r") as f:
-                            pids, pdim = f["ids"][:], int(f["features"].shape[1])
-                            whole = bool(f.attrs.get("sorted", 0)) and bool(f["features"].fletcher32)
-                    except (OSError, KeyError) as e:
-                        reason = f"unreadable ({_one_line(e)})"
-                    else:
-                        if dim is not None and pdim != dim and len(pids):
-                            reason = f"{pdim}-d features where the entry has {dim}-d"
-                if reason is not None:
-                    self._set_aside(p, reason, notify)
-                    continue
-                if len(pids):
-                    dim = dim or pdim
-                take = ~committed(pids) & (pids != b"")
-                for i in np.flatnonzero(take):      # not twice in this commit either
-                    if pids[i] in taken:
-                        take[i] = False
-                    else:
-                        taken.add(bytes(pids[i]))
-                if take.all() and len(pids) and whole and (
-                        p.parent == self.path(key) or len(pids) >= RENAME_MIN_ROWS or p.name.startswith("shard-")):
-                    if p.parent == self.path(key):
-                        dst = p                      # an orphan: logged as it is
-                    else:
-                        dst = self.path(key) / self._segment_name(log, p.stem if p.name.startswith("shard-") else "")
-                        dst.parent.mkdir(parents=True, exist_ok=True)
-                        os.rename(p, dst)
-                        renamed.append((p, dst))
-                    new_segs.append({"name": dst.name, "rows": int(len(pids))})
-                    added += int(len(pids))
-                elif take.any():
-                    merge.append((p, take))
-                    consumed.append(p)
-                else:
-                    consumed.append(p)
-            # small batches: merged into segments of up to SEGMENT_ROWS rows (only their new rows are copied)
-            group, rows_in = [], 0
-            for i, (p, take) in enumerate(merge):
-                group.append((p, take))
-                rows_in += int(take.sum())
-                if rows_in >= SEGMENT_ROWS or i == len(merge) - 1:
-                    seg = self._merge_parts(key, spec, log, group, dim or 0)
-                    written.append(self.path(key) / seg["name"])
-                    new_segs.append(seg)
-                    added += seg["rows"]
-                    group, rows_in = [], 0
+            merge = self._take_parts(key, log, orphans + parts, committed, c, notify)
+            self._merge_small_parts(key, spec, log, merge, c)
             if repair:
-                for s, ranges in self._damage(key):
-                    seg = self._rewrite_without(key, spec, log, s, written)
-                    replaced.append(s.name)
-                    if seg is not None:
-                        new_segs.append(seg)
-                    dropped.append((s.name, ranges))
+                self._drop_damaged(key, spec, log, c)
             if record:
-                self.record_dataset(manifest)
-                log.setdefault("datasets", []).append(
-                    {"id": manifest["id"], "name": manifest.get("name", ""), "root": manifest.get("root", ""),
-                     "n": len(manifest.get("samples", [])), "classes": list(manifest.get("classes", []))})
-            log["segments"] = [s for s in log["segments"] if s["name"] not in replaced] + new_segs
-            if dim:
-                log["dim"] = dim
+                self._log_dataset(log, manifest)
+            log["segments"] = [s for s in log["segments"] if s["name"] not in c.replaced] + c.new_segs
+            if c.dim:
+                log["dim"] = c.dim
             self._commit_log(key, log)
         except BaseException:
-            for src, dst in reversed(renamed):
-                with contextlib.suppress(OSError):
-                    os.rename(dst, src)
-            for p in written:
-                with contextlib.suppress(OSError):
-                    p.unlink()
+            c.undo()
             raise
-        for name, ranges in dropped:
+        self._after_commit(key, spec, log, c, notify)
+        return c.added
+
+    def _cannot_merge(self, key: str) -> CacheWriteError:
+        return CacheWriteError(f"{self.root} cannot be written (read-only or no permission), so the "
+                               f"rows in {self.parts_dir(key)} cannot be merged; use a --cache folder "
+                               "you can write")
+
+    def _part_ids(self, p: Path, key: str, dim: int | None, notify):
+        """``(ids, dim, whole)`` of a pending part; None when it is set aside
+        (foreign, damaged, unreadable, or of other dims than the entry)."""
+        reason = _part_problem(p, key)
+        if reason is None:
+            try:
+                with h5py.File(p, "r") as f:
+                    pids, pdim = f["ids"][:], int(f["features"].shape[1])
+                    whole = bool(f.attrs.get("sorted", 0)) and bool(f["features"].fletcher32)
+            except (OSError, KeyError) as e:
+                reason = f"unreadable ({_one_line(e)})"
+            else:
+                if dim is not None and pdim != dim and len(pids):
+                    reason = f"{pdim}-d features where the entry has {dim}-d"
+        if reason is not None:
+            self._set_aside(p, reason, notify)
+            return None
+        return pids, pdim, whole
+
+    def _take_parts(self, key: str, log: dict, paths: list[Path], committed, c: _Commit, notify) -> list:
+        """Go through pending parts and orphans: a whole one of new rows big
+        enough to stand alone (or an orphan, or a Dask shard) becomes a segment
+        by a rename; the new rows of the others are returned as ``(path, take)``
+        to merge. Rows committed already, or twice here, are not taken."""
+        taken: set[bytes] = set()
+        merge: list[tuple[Path, np.ndarray]] = []
+        for p in paths:
+            got = self._part_ids(p, key, c.dim, notify)
+            if got is None:
+                continue
+            pids, pdim, whole = got
+            if len(pids):
+                c.dim = c.dim or pdim
+            take = ~committed(pids) & (pids != b"")
+            for i in np.flatnonzero(take):      # not twice in this commit either
+                if pids[i] in taken:
+                    take[i] = False
+                else:
+                    taken.add(bytes(pids[i]))
+            if take.all() and len(pids) and whole and (
+                    p.parent == self.path(key) or len(pids) >= RENAME_MIN_ROWS or p.name.startswith("shard-")):
+                if p.parent == self.path(key):
+                    dst = p                      # an orphan: logged as it is
+                else:
+                    dst = self.path(key) / self._segment_name(log, p.stem if p.name.startswith("shard-") else "")
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(p, dst)
+                    c.renamed.append((p, dst))
+                c.new_segs.append({"name": dst.name, "rows": int(len(pids))})
+                c.added += int(len(pids))
+            elif take.any():
+                merge.append((p, take))
+                c.consumed.append(p)
+            else:
+                c.consumed.append(p)
+        return merge
+
+    def _merge_small_parts(self, key: str, spec: FeatureSpec, log: dict, merge: list, c: _Commit):
+        """Small batches merged into segments of up to SEGMENT_ROWS rows (only their new rows are copied)."""
+        group, rows_in = [], 0
+        for i, (p, take) in enumerate(merge):
+            group.append((p, take))
+            rows_in += int(take.sum())
+            if rows_in >= SEGMENT_ROWS or i == len(merge) - 1:
+                seg = self._merge_parts(key, spec, log, group, c.dim or 0)
+                c.written.append(self.path(key) / seg["name"])
+                c.new_segs.append(seg)
+                c.added += seg["rows"]
+                group, rows_in = [], 0
+
+    def _drop_damaged(self, key: str, spec: FeatureSpec, log: dict, c: _Commit):
+        """Each segment holding damaged rows is replaced by one without them."""
+        for s, ranges in self._damage(key):
+            seg = self._rewrite_without(key, spec, log, s, c.written)
+            c.replaced.append(s.name)
+            if seg is not None:
+                c.new_segs.append(seg)
+            c.dropped.append((s.name, ranges))
+
+    def _log_dataset(self, log: dict, manifest: dict):
+        """Keep a dataset's record, and name it in the log."""
+        self.record_dataset(manifest)
+        log.setdefault("datasets", []).append(
+            {"id": manifest["id"], "name": manifest.get("name", ""), "root": manifest.get("root", ""),
+             "n": len(manifest.get("samples", [])), "classes": list(manifest.get("classes", []))})
+
+    def _after_commit(self, key: str, spec: FeatureSpec, log: dict, c: _Commit, notify):
+        """Say what was dropped, remove what the commit consumed, and merge the
+        smallest segments once there are more than AUTO_COMPACT_SEGMENTS."""
+        for name, ranges in c.dropped:
             notify(f"{self.path(key) / name}: {_ranges_text(ranges)} failed their checksum (damaged on disk) and "
                    "were dropped, to be extracted again")
-        for p in consumed + [self.path(key) / n for n in replaced]:
+        for p in c.consumed + [self.path(key) / n for n in c.replaced]:
             with contextlib.suppress(OSError):
                 p.unlink()
         with contextlib.suppress(OSError):
@@ -1430,7 +1475,6 @@ class FeatureCache:
                 self._compact_locked(key, spec, log, notify, smallest=len(log["segments"]) - AUTO_COMPACT_SEGMENTS // 2 + 1)
             except CacheError as e:      # the commit stands; merging can wait
                 notify(f"{key}: {len(log['segments'])} segments not merged now ({e})")
-        return added
 
     def _merge_parts(self, key: str, spec: FeatureSpec, log: dict, group, dim: int) -> dict:
         ids, feats = [], []
@@ -1496,41 +1540,14 @@ class FeatureCache:
                 log = self._new_log(key, spec, str(f.attrs.get("created", "")) or None)
                 with contextlib.suppress(ValueError, TypeError):
                     log["versions"] = json.loads(f.attrs.get("versions", "{}"))
-                feats, ids = f["features"], f["ids"]
-                n = int(feats.shape[0])
-                dim = int(feats.shape[1]) if n else 0
-                checked = ids.fletcher32
-                dropped, seen, total = [], set(), 0
-                step = _chunk_rows(feats) * max(1, SEGMENT_ROWS // _chunk_rows(feats))
-                d.mkdir(parents=True, exist_ok=True)
-                for a in range(0, n, step):
-                    try:
-                        block, bid, bad = _good_rows(feats, ids, a, min(n, a + step))
-                    except OSError as e:
-                        raise self._unreadable(key, legacy, e) from None
-                    if checked:
-                        dropped += bad
-                    keep = np.array([x != b"" and x not in seen for x in bid], bool)
-                    seen.update(bid[keep].tolist())
-                    bid, block = bid[keep], block[keep]
-                    if not len(bid):
-                        continue
-                    order = np.argsort(bid, kind="stable")
-                    name = self._segment_name(log, f"m{a // step}")
-                    written.append(d / name)
-                    _write_segment(d / name, spec, dim, len(bid), [(bid[order], block[order])], self.root)
-                    log["segments"].append({"name": name, "rows": int(len(bid))})
-                    total += len(bid)
-                log["dim"] = dim or None
+                dropped, total = self._migrate_rows(key, spec, log, f, written)
                 for mid in f.get("manifests", {}):
                     try:
                         m = _manifest_from_group(mid, f["manifests"][mid])
                     except (OSError, KeyError, ValueError) as e:   # provenance only: the rows stay usable
                         notify(f"{legacy}: dataset record {mid} is unreadable ({_one_line(e)}); dropped")
                         continue
-                    self.record_dataset(m)
-                    log["datasets"].append({"id": mid, "name": m["name"], "root": m["root"],
-                                            "n": len(m["samples"]), "classes": m["classes"]})
+                    self._log_dataset(log, m)
             self._commit_log(key, log)
         except BaseException:
             for p in written:
@@ -1545,6 +1562,39 @@ class FeatureCache:
         notify(f"{legacy}: migrated once from format 3's single file to {len(log['segments'])} segments in {d} "
                f"({total} rows, nothing recomputed)")
         return log
+
+    def _migrate_rows(self, key: str, spec: FeatureSpec, log: dict, f, written: list) -> tuple[list, int]:
+        """The rows of a format-3 file ``f`` as segments of up to SEGMENT_ROWS
+        rows, logged in ``log`` (empty and repeated ids left out); each new
+        file goes in ``written``. Returns (damaged row ranges, rows kept)."""
+        legacy, d = self.legacy_path(key), self.path(key)
+        feats, ids = f["features"], f["ids"]
+        n = int(feats.shape[0])
+        dim = int(feats.shape[1]) if n else 0
+        checked = ids.fletcher32
+        dropped, seen, total = [], set(), 0
+        step = _chunk_rows(feats) * max(1, SEGMENT_ROWS // _chunk_rows(feats))
+        d.mkdir(parents=True, exist_ok=True)
+        for a in range(0, n, step):
+            try:
+                block, bid, bad = _good_rows(feats, ids, a, min(n, a + step))
+            except OSError as e:
+                raise self._unreadable(key, legacy, e) from None
+            if checked:
+                dropped += bad
+            keep = np.array([x != b"" and x not in seen for x in bid], bool)
+            seen.update(bid[keep].tolist())
+            bid, block = bid[keep], block[keep]
+            if not len(bid):
+                continue
+            order = np.argsort(bid, kind="stable")
+            name = self._segment_name(log, f"m{a // step}")
+            written.append(d / name)
+            _write_segment(d / name, spec, dim, len(bid), [(bid[order], block[order])], self.root)
+            log["segments"].append({"name": name, "rows": int(len(bid))})
+            total += len(bid)
+        log["dim"] = dim or None
+        return dropped, total
 
     def compact(self, key: str, notify=None) -> tuple[int, int]:
         """Merge the entry's segments into one, under its lock (readers go

@@ -1693,8 +1693,7 @@ class FeatureCache:
             raise CacheError(f"--format {fmt}: use npy or parquet")
         if fmt == "parquet":
             try:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
+                import pyarrow.parquet  # noqa: F401  (imported again where it is used)
             except ImportError:
                 raise CacheError("--format parquet needs pyarrow, which is not installed: `pip install pyarrow` "
                                  "(or use --format npy)") from None
@@ -1703,26 +1702,36 @@ class FeatureCache:
         for m in records:
             for s in m.get("samples", []):
                 meta.setdefault(s["id"].encode(), (s["path"], s["label"], s["split"]))
-        n, dim = idx.n, idx.dim
-        blank = ("", "", "")
         if fmt == "npy":
-            out.mkdir(parents=True, exist_ok=True)
-            X = np.lib.format.open_memmap(out / "features.npy", mode="w+", dtype=np.float32, shape=(n, dim))
-            ids, paths, labels, splits, pos = [], [], [], [], 0
-            for bid, block in self.iter_rows(key):
-                X[pos:pos + len(bid)] = block
-                pos += len(bid)
-                for x in bid:
-                    p, lab, sp = meta.get(bytes(x), blank)
-                    ids.append(x.decode())
-                    paths.append(p)
-                    labels.append(lab)
-                    splits.append(sp)
-            X.flush()
-            del X
-            for name, values in (("ids", ids), ("paths", paths), ("labels", labels), ("splits", splits)):
-                np.save(out / f"{name}.npy", np.array(values, dtype=str))
-            return out
+            return self._export_npy(key, out, idx.n, idx.dim, meta)
+        return self._export_parquet(key, out, idx.dim, meta)
+
+    def _export_npy(self, key: str, out: Path, n: int, dim: int, meta: dict) -> Path:
+        """A folder of features.npy (written as a memmap) and ids, paths, labels, splits .npy."""
+        blank = ("", "", "")
+        out.mkdir(parents=True, exist_ok=True)
+        X = np.lib.format.open_memmap(out / "features.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+        ids, paths, labels, splits, pos = [], [], [], [], 0
+        for bid, block in self.iter_rows(key):
+            X[pos:pos + len(bid)] = block
+            pos += len(bid)
+            for x in bid:
+                p, lab, sp = meta.get(bytes(x), blank)
+                ids.append(x.decode())
+                paths.append(p)
+                labels.append(lab)
+                splits.append(sp)
+        X.flush()
+        del X
+        for name, values in (("ids", ids), ("paths", paths), ("labels", labels), ("splits", splits)):
+            np.save(out / f"{name}.npy", np.array(values, dtype=str))
+        return out
+
+    def _export_parquet(self, key: str, out: Path, dim: int, meta: dict) -> Path:
+        """One parquet file, written under a temporary name and renamed."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        blank = ("", "", "")
         out.parent.mkdir(parents=True, exist_ok=True)
         schema = pa.schema([("id", pa.string()), ("path", pa.string()), ("label", pa.string()),
                             ("split", pa.string()), ("features", pa.list_(pa.float32(), dim))])

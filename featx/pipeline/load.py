@@ -3,7 +3,6 @@ need the registries (weights, layers, grids, fusions, fine-tuning, engine)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from ..data import PACKAGE_DATASET_PREFIX, resolve_dataset_path, resolve_path
 from ..errors import ConfigError
+from ..options import FINETUNE
 from .schema import ARRAY_TABLES, REQUIRED_TABLES, SCHEMA, _check_table, _show, _suggest, _type_word, _Where
 
 
@@ -91,10 +91,10 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     """Read and validate a pipeline file; nothing heavy is loaded or computed.
 
     Checks, in order: TOML syntax; tables and keys (unknown, missing, types,
-    allowed values); then what needs the registries: backbone names, weights
-    (resolved, files relative to the pipeline file), layer names (against
-    the backbone's graph), classifier grids, the dataset path, and whether
-    the fine-tune stage and the dask engine exist here.
+    allowed values); then what needs the registries: the dataset path,
+    backbone names, weights (resolved, files relative to the pipeline file),
+    layer names (against the backbone's graph), classifier grids and
+    fusions, fine-tuning, the output names and the engine.
 
     Raises
     ------
@@ -103,8 +103,22 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     """
     path = Path(path)
     where = _Where(path)
-    raw = _read_toml(path)
+    tables = _read_tables(where, _read_toml(path))
     base = path.resolve().parent
+    dataset, backbones = tables["dataset"], tables["backbones"]
+    _resolve_dataset(where, dataset, base)
+    _resolve_backbones(where, backbones, base, dataset["seed"])
+    _resolve_classifiers(where, tables["classifiers"], backbones)
+    if tables["finetune"] is not None:
+        _resolve_finetune(where, tables["finetune"], backbones, base, dataset["seed"])
+    _resolve_output(where, tables["output"], tables["report"], base, path.stem)
+    _check_engine(where, tables["engine"], backbones)
+    return Pipeline(path, **tables)
+
+
+def _read_tables(where: _Where, raw: dict) -> dict:
+    """Every table of :data:`SCHEMA` checked against it, defaults filled
+    (``finetune`` None when the file has no [finetune])."""
     for name in raw:
         if name not in SCHEMA:
             raise where.error(name, f"unknown table{_suggest(name, SCHEMA)}; allowed: {', '.join(SCHEMA)}")
@@ -117,22 +131,27 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
             raise where.error(name, f"expected a list of tables ([[{name}]]), got {_type_word(raw[name])}")
         if name not in ARRAY_TABLES and name in raw and not isinstance(raw[name], dict):
             raise where.error(name, f"expected a table ([{name}]), got {_type_word(raw[name])} ({_show(raw[name])})")
+    tables = {}
+    for name, schema in SCHEMA.items():
+        if name in ARRAY_TABLES:
+            if not raw[name]:
+                raise where.error(name, f"empty; add at least one [[{name}]] table")
+            tables[name] = [_check_table(where, f"{name}[{i}]", t, schema) for i, t in enumerate(raw[name])]
+        elif name == "finetune" and name not in raw:
+            tables[name] = None
+        else:
+            tables[name] = _check_table(where, name, raw.get(name, {}), schema)
+    return tables
 
-    dataset = _check_table(where, "dataset", raw["dataset"], SCHEMA["dataset"])
-    if not raw["backbones"]:
-        raise where.error("backbones", "empty; add at least one [[backbones]] table")
-    backbones = [_check_table(where, f"backbones[{i}]", b, SCHEMA["backbones"]) for i, b in enumerate(raw["backbones"])]
-    classifiers = _check_table(where, "classifiers", raw.get("classifiers", {}), SCHEMA["classifiers"])
-    finetune = _check_table(where, "finetune", raw["finetune"], SCHEMA["finetune"]) if "finetune" in raw else None
-    evaluate = _check_table(where, "evaluate", raw.get("evaluate", {}), SCHEMA["evaluate"])
-    report = _check_table(where, "report", raw.get("report", {}), SCHEMA["report"])
-    output = _check_table(where, "output", raw.get("output", {}), SCHEMA["output"])
-    engine = _check_table(where, "engine", raw.get("engine", {}), SCHEMA["engine"])
 
-    # ---- cross-key rules and what needs the registries
-    if dataset["val_fraction"] + dataset["test_fraction"] >= 1:
+def _resolve_dataset(where: _Where, dataset: dict, base: Path):
+    """Cross-key rules of [dataset]; ``dataset["root"]``: the folder or CSV it names."""
+    from ..data import _check_fractions
+    try:
+        _check_fractions(dataset["val_fraction"], dataset["test_fraction"])    # data's rule, the file's words
+    except ConfigError:
         raise where.error("dataset.test_fraction", f"val_fraction + test_fraction = "
-                          f"{dataset['val_fraction'] + dataset['test_fraction']:g} must be below 1")
+                          f"{dataset['val_fraction'] + dataset['test_fraction']:g} must be below 1") from None
     if dataset["label_regex"] is not None and dataset["layout"] not in ("auto", "filenames"):
         raise where.error("dataset.label_regex", f"applies to layout \"filenames\" only, not {_show(dataset['layout'])}")
     try:
@@ -142,15 +161,21 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
     if not dataset["root"].exists():
         raise where.error("dataset.path", f"{_show(dataset['path'])}: no such file or folder ({dataset['root']})")
 
+
+def _resolve_backbones(where: _Where, backbones: list[dict], base: Path, seed: int):
+    """Weights and layers of every [[backbones]] table; no two tables make the same features."""
     seen = {}
     for i, b in enumerate(backbones):
-        _resolve_backbone(where, f"backbones[{i}]", b, base, dataset["seed"])
+        _resolve_backbone(where, f"backbones[{i}]", b, base, seed)
         ident = (b["name"], b["_identity"], b["pool"], b["precision"], b["storage"])
         if ident in seen:
             raise where.error(f"backbones[{i}]", f"same backbone, weights, pool and precision as "
                                                  f"backbones[{seen[ident]}]; put all its layers in one table")
         seen[ident] = i
 
+
+def _resolve_classifiers(where: _Where, classifiers: dict, backbones: list[dict]):
+    """Names listed once, a grid per name (None: the default), fusions as requests (``_fused``)."""
     names = list(dict.fromkeys(classifiers["names"]))
     if len(names) != len(classifiers["names"]):
         dup = next(n for n in names if classifiers["names"].count(n) > 1)
@@ -167,19 +192,17 @@ def load_pipeline(path: str | os.PathLike) -> Pipeline:
         raise where.error("classifiers.pca", "does not apply to sgd (it streams features; PCA needs them all); "
                                              "drop pca or sgd")
 
-    if finetune is not None:
-        _resolve_finetune(where, finetune, backbones, base, dataset["seed"])
 
-    output["dir"] = resolve_path(output["dir"], base) if output["dir"] else base / "runs" / path.stem
+def _resolve_output(where: _Where, output: dict, report: dict, base: Path, stem: str):
+    """Absolute output and cache folders (default: runs/STEM beside the file), the bundle name, the title."""
+    output["dir"] = resolve_path(output["dir"], base) if output["dir"] else base / "runs" / stem
     if output["cache"]:
         output["cache"] = resolve_path(output["cache"], base)
     if not output["bundle"].endswith(".featx") or "/" in output["bundle"] or "\\" in output["bundle"]:
         raise where.error("output.bundle", f"{_show(output['bundle'])} must be a folder name ending in .featx "
                                            "(it is written inside output.dir)")
     if report["title"] is None:
-        report["title"] = f"featx pipeline {path.stem}"
-    _check_engine(where, engine, backbones)
-    return Pipeline(path, dataset, backbones, classifiers, finetune, evaluate, report, output, engine)
+        report["title"] = f"featx pipeline {stem}"
 
 
 def _check_fused(where, values, backbones) -> list:
@@ -218,37 +241,42 @@ def _check_fused(where, values, backbones) -> list:
 
 
 def _check_grid(where, dotted, classifier, values) -> list:
+    """A grid of numbers, each checked by :func:`featx.train.parse_grid` (the rule ``--C`` follows)."""
     from ..classify import get_classifier_spec
-    spec = get_classifier_spec(classifier)
+    from ..train import parse_grid
     if not isinstance(values, list) or not values:
-        raise where.error(dotted, f"expected a non-empty list of numbers (values of {spec.param_name}), "
+        raise where.error(dotted, f"expected a non-empty list of numbers (values of "
+                                  f"{get_classifier_spec(classifier).param_name}), "
                                   f"got {_type_word(values)} ({_show(values)})")
     out = []
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise where.error(f"{dotted}[{i}]", f"expected a number, got {_type_word(v)} ({_show(v)})")
-        if not v > 0:
-            raise where.error(f"{dotted}[{i}]", f"{_show(v)}: {spec.param_name} must be positive")
-        if spec.param_name == "n_neighbors":
-            if v != int(v):
-                raise where.error(f"{dotted}[{i}]", f"{_show(v)}: {classifier} tunes n_neighbors, give whole numbers")
-            v = int(v)
-        else:
-            v = float(v)
-        out.append(v)
+        try:
+            out += parse_grid(classifier, [repr(v)])
+        except ConfigError as e:
+            raise where.error(f"{dotted}[{i}]", _unprefixed(e, "--C ")) from None
     return list(dict.fromkeys(out))
 
 
+def _unprefixed(error: Exception, prefix: str) -> str:
+    """A library message without the command-line words it starts with (``--C ``)."""
+    msg = str(error)
+    return msg[len(prefix):] if msg.startswith(prefix) else msg
+
+
 def check_layer(backbone: str, layer: str) -> str | None:
-    """None when ``layer`` can be extracted from ``backbone``; else the problem."""
-    from ..errors import did_you_mean
-    from ..extract import _known_layers, resolve_node
-    names, listed, is_graph = _known_layers(backbone)      # the one layer listing, shared with extract
-    found = resolve_node(layer, list(names)) if is_graph else (layer if layer in names else None)
-    if found is not None:
+    """None when ``layer`` can be extracted from ``backbone`` (as
+    :func:`featx.extract.check_layers` decides); else the problem."""
+    from ..errors import BackboneError, did_you_mean
+    from ..extract import _known_layers, check_layers
+    try:
+        check_layers(backbone, [layer])
         return None
+    except BackboneError:
+        pass
     # suggest what `featx layers` lists (blocks), not the nodes deep inside them
-    hint = did_you_mean(layer, listed, n=3, cutoff=0.5)
+    hint = did_you_mean(layer, _known_layers(backbone)[1], n=3, cutoff=0.5)
     hint = f" ({hint})" if hint else ""
     return f"no layer {_show(layer)} in {backbone}{hint}; list them with `featx layers {backbone}`"
 
@@ -257,15 +285,11 @@ def _resolve_weights_at(where, dotted, backbone, weights, base, seed):
     """ResolvedWeights for a pipeline's weights value (a file: relative to the pipeline)."""
     from ..backbones import resolve_weights
     from ..errors import WeightsError
-    value = weights
-    if _looks_like_path(weights):
-        value = str(resolve_path(weights, base))
+    value = str(resolve_path(weights, base)) if _looks_like_path(weights) else weights
     try:
         rw = resolve_weights(backbone, value, seed=seed)
     except WeightsError as e:
-        msg = str(e)
-        prefix = f"--weights {value}: "
-        raise where.error(dotted, f"{_show(weights)}: {msg[len(prefix):] if msg.startswith(prefix) else msg}") from None
+        raise where.error(dotted, f"{_show(weights)}: {_unprefixed(e, f'--weights {value}: ')}") from None
     if rw.kind == "port" and not rw.available:
         # ported weights come from a package only; torchvision's may still download
         raise where.error(dotted, f"{_show(weights)}: not installed; {rw.hint}")
@@ -288,22 +312,12 @@ def _resolve_backbone(where, at, b, base, seed):
     b["layers"] = list(layers)
 
 
-def _finetune_function():
-    """featx.finetune.finetune when this featx has it, else None."""
-    try:
-        module = importlib.import_module("featx.finetune")
-    except ImportError:
-        return None
-    fn = getattr(module, "finetune", None)
-    return fn if callable(fn) else None
-
-
-# pipeline key -> keyword of featx.finetune.finetune
-FINETUNE_ARGS = ("epochs", "freeze_epochs", "lr", "lr_mult", "lr_groups", "batch_size", "optimizer", "weight_decay",
-                 "augment", "bn", "probe", "precision", "patience", "max_train_images", "image_size")
+#: the [finetune] keys that are keywords of featx.finetune.finetune (tests/test_options.py holds it to them)
+FINETUNE_ARGS = tuple(o.name for o in FINETUNE if o.table == "finetune")
 
 
 def _resolve_finetune(where, ft, backbones, base, seed):
+    """The backbone (default: the first [[backbones]]) and its weights (default: that table's)."""
     if ft["backbone"] is None:
         ft["backbone"] = backbones[0]["name"]
     if ft["weights"] is None:
@@ -313,54 +327,40 @@ def _resolve_finetune(where, ft, backbones, base, seed):
         ft["weights"], _ = _resolve_weights_at(where, "finetune.weights", ft["backbone"], ft["weights"], base, seed)
     if ft["freeze_epochs"] is not None and ft["freeze_epochs"] > ft["epochs"]:
         raise where.error("finetune.freeze_epochs", f"{ft['freeze_epochs']} must be at most finetune.epochs ({ft['epochs']})")
-    if not ft["enabled"]:
-        return
-    fn = _finetune_function()
-    if fn is None:
-        raise where.error("finetune", "this featx has no fine-tune stage (featx.finetune.finetune is missing); "
-                                      "set enabled = false or remove [finetune]")
-    import inspect
-    params = inspect.signature(fn).parameters
-    unknown = [k for k in FINETUNE_ARGS if ft[k] is not None and k not in params]
-    if unknown:
-        raise where.error(f"finetune.{unknown[0]}", "not supported by this featx's fine-tune stage")
 
 
-def _check_engine(where, engine, backbones=()):
+def _check_engine(where, engine, backbones):
+    """[engine]: dask settings only with dask, a device this machine has, and the
+    run options checked together by :func:`featx.extract.resolve_runtime`."""
     if engine["kind"] == "local":
         for k in ("scheduler", "shard_size"):
             if engine[k] is not None:
                 raise where.error(f"engine.{k}", 'needs engine.kind = "dask"')
-    else:
-        module = None
-        with contextlib.suppress(ImportError):
-            module = importlib.import_module("featx.distributed")
-        if module is None or not (hasattr(module, "engine") or hasattr(module, "extract_dask")):
-            raise where.error("engine.kind", '"dask" is not available in this featx (featx.distributed.extract_dask '
-                                             'is missing); use "local"')
-        if importlib.util.find_spec("distributed") is None:
-            raise where.error("engine.kind", '"dask" needs `pip install featx[dask]`; or use "local"')
+    elif importlib.util.find_spec("distributed") is None:
+        raise where.error("engine.kind", '"dask" needs `pip install featx[dask]`; or use "local"')
     device = engine["device"].lower()
     if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
         raise where.error("engine.device", f"{_show(engine['device'])} is not allowed; use auto, cpu or cuda[:N]")
     if engine["jobs"] == 0:
         raise where.error("engine.jobs", "0 is not allowed; use -1 (all cores) or a number of parallel fits")
-    if engine["kind"] == "local" and device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
+    import torch
+
+    from ..extract import RunOptionsError, resolve_device, resolve_precision, resolve_runtime
+    if engine["kind"] == "local":
+        try:
+            dev = resolve_device(device)
+        except ConfigError:          # the one problem left: no GPU on this machine
             raise where.error("engine.device", f"{_show(engine['device'])}: no CUDA GPU is available here; "
-                                               "use auto or cpu")
-    if engine["runtime"] == "onnx" or engine["compile"] == "on":
-        # the one check of runtime, device, precision and compile (featx.extract.resolve_runtime)
-        from ..extract import RunOptionsError, resolve_precision, resolve_runtime
-        import torch
-        dev = torch.device("cpu") if device == "auto" and (engine["kind"] != "local" or not torch.cuda.is_available()) \
-            else torch.device("cuda" if device == "auto" else device)
-        keys = {"runtime": "engine.runtime", "device": "engine.device", "compile": "engine.compile"}
-        for i, b in enumerate(backbones or [{"precision": "fp32"}]):
-            names = {**keys, "precision": f"backbones[{i}].precision"}
-            try:
-                resolve_runtime(engine["runtime"], dev, resolve_precision(b["precision"], str(dev)), 0,
-                                engine["compile"], names=names)
-            except RunOptionsError as e:
-                raise ConfigError(f"{where.path}: {e}") from None
+                                               "use auto or cpu") from None
+    else:                            # the workers' devices are not known here: auto counts as the CPU
+        dev = torch.device("cpu" if device == "auto" else device)
+    if engine["runtime"] != "onnx" and engine["compile"] != "on":
+        return                       # torch, compiled or not, runs with every device and precision
+    keys = {"runtime": "engine.runtime", "device": "engine.device", "compile": "engine.compile"}
+    for i, b in enumerate(backbones):
+        names = {**keys, "precision": f"backbones[{i}].precision"}
+        try:
+            resolve_runtime(engine["runtime"], dev, resolve_precision(b["precision"], str(dev)), 0,
+                            engine["compile"], names=names)
+        except RunOptionsError as e:
+            raise ConfigError(f"{where.path}: {e}") from None

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import importlib
 import os
 import shutil
 import time
@@ -14,8 +12,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import FeatxError
-from .load import FINETUNE_ARGS, Pipeline, _finetune_function
+from .load import FINETUNE_ARGS, Pipeline
 from .plan import (Plan, PlanItem, _Candidate, _check_force, _digest, _feature_sets, _file_sha, _plain_json,
                    _plan_evaluate_report, choose_best, plan_pipeline)
 from .summary import shown
@@ -41,18 +38,10 @@ class RunResult:
 
 
 def _engine(p: Pipeline, notify):
-    """Context manager yielding the extract function for [engine]."""
+    """Context manager yielding the extract function for [engine] (:func:`featx.distributed.engine`)."""
+    from .. import distributed
     e = p.engine
-    if e["kind"] == "local":
-        from ..extract import extract
-        return contextlib.nullcontext(extract)
-    module = importlib.import_module("featx.distributed")
-    if hasattr(module, "engine"):
-        return module.engine("dask", e["scheduler"], shard_size=e["shard_size"], notify=notify)
-    if hasattr(module, "extract_dask"):
-        return contextlib.nullcontext(functools.partial(module.extract_dask, scheduler=e["scheduler"],
-                                                        **({"shard_size": e["shard_size"]} if e["shard_size"] else {})))
-    raise FeatxError(f"{p.path}: engine.kind: \"dask\" needs featx.distributed.extract_dask, which this featx lacks")
+    return distributed.engine(e["kind"], e["scheduler"], shard_size=e["shard_size"], notify=notify)
 
 
 def _copy_folder_atomically(src: Path, dst: Path):
@@ -256,7 +245,7 @@ def _stage_finetune(plan: Plan, progress, notify, events) -> _Candidate | None:
     from ..bundle import load_bundle
     from ..classify import ComparisonRow
     from ..evaluate import evaluate_bundle
-    finetune = _finetune_function()
+    from ..finetune import finetune
     ft, e = p.finetune, p.engine
     notify(f"[finetune] {item.name}")
     result = finetune(ds, ft["backbone"], bundle, weights=ft["weights"],

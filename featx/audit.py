@@ -463,24 +463,29 @@ def _capped(items: list, what: str) -> tuple[list, str]:
     return shown, note
 
 
-def write_html(result: AuditResult, path) -> Path:
-    from .report import _CSS, _e, _table, atomic_write_text
-    s = result.settings
-    title = f"Audit of {result.dataset.name}"
-    css = _CSS + ".group { border-top: 1px solid #ccc; padding-top: 0.5em; }\n.leak { background: #fdecea; }\n"
-    parts = ['<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
-             f"<title>{_e(title)}</title>\n<style>{css}</style>\n</head>\n<body>\n", f"<h1>{_e(title)}</h1>\n"]
-    n_groups = result.n_groups
-    summary = [("images", len(result.dataset)), ("features", f"{s['backbone']} {s['layer']}"),
-               ("leaks (groups spanning splits)", len(result.leak_groups)),
-               ("exact duplicate groups", n_groups["exact"]),
-               (f"near duplicate groups (cosine >= {s['near_threshold']})", n_groups["near"]),
-               ("label issues", len(result.label_issues)), ("outliers", len(result.outliers))]
-    parts += ["<h2>Summary</h2>\n", _table(["finding", "value"], summary, "summary")]
+def _gallery_section(heading: str, intro: str, items: list[dict], what: str, caption, report,
+                     cls: str = "") -> list[str]:
+    """An HTML section: ``heading`` and count, ``intro``, a capped gallery of
+    ``items`` captioned by ``caption(item)`` (escaped lines), or "None."."""
+    parts = [f"<h2>{heading} ({len(items)})</h2>\n", intro]
+    shown, note = _capped(items, what)
+    parts.append(note)
+    if shown:
+        parts.append('<div class="gallery">\n')
+        parts += [_fig(r["path"], caption(r), report, cls) for r in shown]
+        parts.append("</div>\n")
+    else:
+        parts.append("<p>None.</p>\n")
+    return parts
 
+
+def _duplicates_html(result: AuditResult, report) -> list[str]:
+    """Two sections of duplicate groups: those spanning splits (leaks), then those within one."""
+    from .report import _e
     groups: dict[int, list[dict]] = {}
     for r in result.duplicates:
         groups.setdefault(r["group"], []).append(r)
+    parts = []
     for leak, heading in ((True, "Leaks: duplicates across splits"), (False, "Duplicates within a split")):
         chosen = [g for g in groups.values() if g[0]["leak"] == leak]
         parts.append(f"<h2>{_e(heading)} ({len(chosen)})</h2>\n")
@@ -494,38 +499,37 @@ def write_html(result: AuditResult, path) -> Path:
             for r in g:
                 similarity = f"{r['similarity']:.4f}"
                 lines = [f"<b>{_e(r['split'])}</b>: {_e(r['label'])}", f"{_e(r['kind'])}, similarity {similarity}"]
-                parts.append(_fig(r["path"], lines, path, "leak" if leak else ""))
+                parts.append(_fig(r["path"], lines, report, "leak" if leak else ""))
             parts.append("</div></div>\n")
+    return parts
 
-    parts.append(f"<h2>Label issues ({len(result.label_issues)})</h2>\n")
-    parts.append("<p>Out-of-fold predictions of a linear probe that disagree with the given label, the lowest "
-                 "probability of the given label first.</p>\n")
-    shown, note = _capped(result.label_issues, "label issues")
-    parts.append(note)
-    if shown:
-        parts.append('<div class="gallery">\n')
-        for r in shown:
-            lines = [f"#{r['rank']} {_e(r['split'])}", f"given: <b>{_e(r['label'])}</b> ({r['given_probability']:.2f})",
-                     f"suggested: <b>{_e(r['suggested'])}</b> ({r['confidence']:.2f})"]
-            parts.append(_fig(r["path"], lines, path, "mistake"))
-        parts.append("</div>\n")
-    else:
-        parts.append("<p>None.</p>\n")
 
-    parts.append(f"<h2>Outliers ({len(result.outliers)})</h2>\n")
-    parts.append(f"<p>Mean cosine distance to the {s['outlier_k']} nearest other images, robust z-score at least "
-                 f"{_e(s['outlier_z'])}.</p>\n")
-    shown, note = _capped(result.outliers, "outliers")
-    parts.append(note)
-    if shown:
-        parts.append('<div class="gallery">\n')
-        for r in shown:
-            lines = [f"#{r['rank']} {_e(r['split'])}: <b>{_e(r['label'])}</b>",
-                     f"score {r['score']:.4f} (z {r['z']:.1f})"]
-            parts.append(_fig(r["path"], lines, path))
-        parts.append("</div>\n")
-    else:
-        parts.append("<p>None.</p>\n")
+def write_html(result: AuditResult, path) -> Path:
+    """audit.html: a summary, then duplicates and leaks, label issues and outliers with thumbnails."""
+    from .report import _CSS, _e, atomic_write_text, html_table
+    s = result.settings
+    title = f"Audit of {result.dataset.name}"
+    css = _CSS + ".group { border-top: 1px solid #ccc; padding-top: 0.5em; }\n.leak { background: #fdecea; }\n"
+    parts = ['<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
+             f"<title>{_e(title)}</title>\n<style>{css}</style>\n</head>\n<body>\n", f"<h1>{_e(title)}</h1>\n"]
+    n_groups = result.n_groups
+    summary = [("images", len(result.dataset)), ("features", f"{s['backbone']} {s['layer']}"),
+               ("leaks (groups spanning splits)", len(result.leak_groups)),
+               ("exact duplicate groups", n_groups["exact"]),
+               (f"near duplicate groups (cosine >= {s['near_threshold']})", n_groups["near"]),
+               ("label issues", len(result.label_issues)), ("outliers", len(result.outliers))]
+    parts += ["<h2>Summary</h2>\n", html_table(["finding", "value"], summary, "summary")]
+    parts += _duplicates_html(result, path)
+    parts += _gallery_section(
+        "Label issues", "<p>Out-of-fold predictions of a linear probe that disagree with the given label, the lowest "
+        "probability of the given label first.</p>\n", result.label_issues, "label issues",
+        lambda r: [f"#{r['rank']} {_e(r['split'])}", f"given: <b>{_e(r['label'])}</b> ({r['given_probability']:.2f})",
+                   f"suggested: <b>{_e(r['suggested'])}</b> ({r['confidence']:.2f})"], path, "mistake")
+    parts += _gallery_section(
+        "Outliers", f"<p>Mean cosine distance to the {s['outlier_k']} nearest other images, robust z-score at least "
+        f"{_e(s['outlier_z'])}.</p>\n", result.outliers, "outliers",
+        lambda r: [f"#{r['rank']} {_e(r['split'])}: <b>{_e(r['label'])}</b>",
+                   f"score {r['score']:.4f} (z {r['z']:.1f})"], path)
     parts.append("</body>\n</html>\n")
     return atomic_write_text(path, "".join(parts))
 

@@ -26,6 +26,7 @@ import numpy as np
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
+    "html_table",
     "plot_confusion_matrix",
     "plot_training_curves",
     "save_metrics_json",
@@ -335,7 +336,8 @@ def _png(png, alt: str) -> str:
     return f'<img class="cm" alt="{_e(alt)}" src="{_data_uri(data, "image/png")}">\n'
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence], cls: str = "") -> str:
+def html_table(headers: Sequence[str], rows: Iterable[Sequence], cls: str = "") -> str:
+    """An HTML ``<table>`` of escaped, formatted cells (``cls``: its class)."""
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td{_cell_class(c)}>{_e(_fmt(c))}</td>" for c in row) + "</tr>\n"
                    for row in rows)
@@ -363,6 +365,49 @@ def _class_name(label, classes):
             and 0 <= label < len(classes):
         return classes[label]
     return label
+
+
+def _summary_rows(metrics: Mapping) -> list[tuple[str, Any]]:
+    """(metric, value) rows of the summary: images, accuracies, averages, ECE."""
+    summary = [("images", metrics.get("n")), ("accuracy", metrics.get("accuracy"))]
+    for k, v in (metrics.get("top_k_accuracy") or {}).items():
+        if str(k) != "1":
+            summary.append((f"top-{k} accuracy", v))
+    for avg in ("macro", "weighted"):
+        for name in ("precision", "recall", "f1"):
+            v = (metrics.get(avg) or {}).get(name)
+            if v is not None:
+                summary.append((f"{avg} {name.replace('f1', 'F1')}", v))
+    if metrics.get("ece") is not None:
+        bins = (metrics.get("calibration") or {}).get("n_bins")
+        summary.append((f"ECE ({bins} bins)" if bins else "ECE", metrics["ece"]))
+    return summary
+
+
+def _misclassified_html(misclassified, max_misclassified: int, classes, path) -> list[str]:
+    """The gallery of mistakes, most confident first, at most ``max_misclassified``."""
+    items = [dict(m) for m in misclassified]
+    items.sort(key=lambda m: -(m.get("prob") if m.get("prob") is not None else -math.inf))
+    shown = items[:max(0, max_misclassified)]
+    parts = [f"<h2>Misclassified ({len(items)})</h2>\n"]
+    if len(shown) < len(items):
+        parts.append(f"<p>The {len(shown)} most confident mistakes of {len(items)}.</p>\n")
+    if shown:
+        parts += ['<div class="gallery">\n', *(_figure(m, classes, path) for m in shown), "</div>\n"]
+    else:
+        parts.append("<p>None.</p>\n")
+    return parts
+
+
+def _least_confident_html(least_confident, max_least_confident: int, classes, path) -> list[str]:
+    """The gallery of correct predictions, least confident first (nothing when there are none)."""
+    unsure = [{**m, "correct": True} for m in least_confident]
+    if not unsure:
+        return []
+    unsure.sort(key=lambda m: m.get("prob") if m.get("prob") is not None else math.inf)
+    kept = unsure[:max(0, max_least_confident)]
+    return [f"<h2>Correct but least confident ({len(kept)} of {len(unsure)})</h2>\n",
+            '<div class="gallery">\n', *(_figure(m, classes, path) for m in kept), "</div>\n"]
 
 
 def write_html_report(path, *, title: str, metrics: Mapping, classes: Sequence[str],
@@ -419,63 +464,27 @@ def write_html_report(path, *, title: str, metrics: Mapping, classes: Sequence[s
              f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n",
              f"<h1>{_e(title)}</h1>\n"]
 
-    summary = [("images", metrics.get("n")), ("accuracy", metrics.get("accuracy"))]
-    for k, v in (metrics.get("top_k_accuracy") or {}).items():
-        if str(k) != "1":
-            summary.append((f"top-{k} accuracy", v))
-    for avg in ("macro", "weighted"):
-        for name in ("precision", "recall", "f1"):
-            v = (metrics.get(avg) or {}).get(name)
-            if v is not None:
-                summary.append((f"{avg} {name.replace('f1', 'F1')}", v))
-    if metrics.get("ece") is not None:
-        bins = (metrics.get("calibration") or {}).get("n_bins")
-        summary.append((f"ECE ({bins} bins)" if bins else "ECE", metrics["ece"]))
-    parts += ["<h2>Summary</h2>\n", _table(["metric", "value"], summary, "summary")]
-
+    parts += ["<h2>Summary</h2>\n", html_table(["metric", "value"], _summary_rows(metrics), "summary")]
     per_class = metrics.get("per_class") or {}
-    rows = []
-    for c in classes:
-        m = per_class.get(c, {})
-        rows.append([c, m.get("precision"), m.get("recall"), m.get("f1"), m.get("support")])
+    rows = [[c, *(per_class.get(c, {}).get(k) for k in ("precision", "recall", "f1", "support"))]
+            for c in classes]
     parts += ["<h2>Per class</h2>\n",
-              _table(["class", "precision", "recall", "F1", "support"], rows)]
-
+              html_table(["class", "precision", "recall", "F1", "support"], rows)]
     if confusion_png is not None:
         parts += ["<h2>Confusion matrix</h2>\n", _png(confusion_png, "confusion matrix")]
-
-    items = [dict(m) for m in misclassified]
-    items.sort(key=lambda m: -(m.get("prob") if m.get("prob") is not None else -math.inf))
-    shown = items[:max(0, max_misclassified)]
-    parts.append(f"<h2>Misclassified ({len(items)})</h2>\n")
-    if len(shown) < len(items):
-        parts.append(f"<p>The {len(shown)} most confident mistakes of {len(items)}.</p>\n")
-    if shown:
-        parts += ['<div class="gallery">\n', *(_figure(m, classes, path) for m in shown), "</div>\n"]
-    else:
-        parts.append("<p>None.</p>\n")
-
-    unsure = [{**m, "correct": True} for m in least_confident]
-    if unsure:
-        unsure.sort(key=lambda m: m.get("prob") if m.get("prob") is not None else math.inf)
-        kept = unsure[:max(0, max_least_confident)]
-        parts += [f"<h2>Correct but least confident ({len(kept)} of {len(unsure)})</h2>\n",
-                  '<div class="gallery">\n', *(_figure(m, classes, path) for m in kept), "</div>\n"]
-
+    parts += _misclassified_html(misclassified, max_misclassified, classes, path)
+    parts += _least_confident_html(least_confident, max_least_confident, classes, path)
     if calibration_png is not None:
         parts += ["<h2>Reliability</h2>\n",
                   "<p>Accuracy against confidence (the probability of the predicted class) in "
                   f"{(metrics.get('calibration') or {}).get('n_bins', 15)} equal-width "
                   "bins; the expected calibration error (ECE) is the mean gap, weighted by images per bin.</p>\n",
                   _png(calibration_png, "reliability diagram")]
-
     for name, png in (figures or {}).items():
         parts += [f"<h2>{_e(name)}</h2>\n", _png(png, name)]
-
     for name, table_rows in (extra_tables or {}).items():
         headers, rows = _rows_of(table_rows)
-        parts += [f"<h2>{_e(name)}</h2>\n", _table(headers, rows)]
-
+        parts += [f"<h2>{_e(name)}</h2>\n", html_table(headers, rows)]
     parts.append("</body>\n</html>\n")
     return atomic_write_text(path, "".join(parts))
 

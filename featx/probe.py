@@ -226,6 +226,29 @@ def _choose(values, scores, errors, losses):
     return min(tied, key=lambda i: (losses[i], values[i]))
 
 
+def _consecutive_labels(y, y_val):
+    """``(y, y_val, K)`` with labels 0..K-1; a held-out label not in ``y`` becomes -1."""
+    classes = np.unique(y)
+    if not np.array_equal(classes, np.arange(len(classes))):
+        index = {c: i for i, c in enumerate(classes.tolist())}
+        y = np.array([index[c] for c in y.tolist()])
+        if y_val is not None:
+            y_val = np.array([index.get(c, -1) for c in np.asarray(y_val).tolist()])
+    return y, y_val, len(classes)
+
+
+def _search_rows(X, y, splits, X_val, y_val):
+    """``(X, y, folds)`` a search runs on: the CV splits, or the validation
+    rows appended after the training rows as one fold."""
+    if X_val is not None:
+        Xa = np.concatenate([X, np.asarray(X_val)])
+        ya = np.concatenate([y, np.asarray(y_val).astype(np.int64)])
+        return Xa, ya, [(np.arange(len(X)), np.arange(len(X), len(Xa)))]
+    if not splits:
+        raise ValueError("search_linear: give splits or X_val/y_val")
+    return X, y, list(splits)
+
+
 def search_linear(kind: str, X, y, *, splits: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
                   X_val=None, y_val=None, values: Sequence[float] | None = None,
                   threads: int | None = None) -> PathResult:
@@ -263,29 +286,15 @@ def search_linear(kind: str, X, y, *, splits: Sequence[tuple[np.ndarray, np.ndar
     if kind not in KINDS:
         raise ValueError(f"search_linear: kind must be one of {KINDS}, got {kind!r}")
     X = np.asarray(X)
-    y = np.asarray(y).astype(np.int64)
-    classes = np.unique(y)
-    if not np.array_equal(classes, np.arange(len(classes))):
-        # relabel to 0..K-1; the held-out rows may only hold training labels
-        index = {c: i for i, c in enumerate(classes.tolist())}
-        y = np.array([index[c] for c in y.tolist()])
-        if y_val is not None:
-            y_val = np.array([index.get(c, -1) for c in np.asarray(y_val).tolist()])
+    y, y_val, n_classes = _consecutive_labels(np.asarray(y).astype(np.int64), y_val)
     t0 = time.perf_counter()
-    if X_val is not None:
-        Xa = np.concatenate([X, np.asarray(X_val)])
-        ya = np.concatenate([y, np.asarray(y_val).astype(np.int64)])
-        folds = [(np.arange(len(X)), np.arange(len(X), len(Xa)))]
-    else:
-        if not splits:
-            raise ValueError("search_linear: give splits or X_val/y_val")
-        Xa, ya, folds = X, y, list(splits)
+    Xa, ya, folds = _search_rows(X, y, splits, X_val, y_val)
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
     try:
         with torch.enable_grad():
-            result = _walk(torch, kind, Xa, ya, folds, len(classes), values, X_val is not None)
+            result = _walk(torch, kind, Xa, ya, folds, n_classes, values, X_val is not None)
     finally:
         torch.set_num_threads(old_threads)
     result.seconds = time.perf_counter() - t0

@@ -3,6 +3,7 @@ compute and what it reuses, found without computing anything."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ def _digest(obj) -> str:
 
 
 def _file_sha(path: Path) -> str | None:
-    from ..backbones import file_sha256
+    from ..files import file_sha256
     return file_sha256(path) if path.is_file() else None
 
 
@@ -37,11 +38,6 @@ def _plain_json(obj):
             return str(o)
         raise TypeError(f"{type(o).__name__} is not JSON serializable")
     return json.loads(json.dumps(obj, default=default))
-
-
-def _slug(text: str) -> str:
-    from ..data import _slug as slug
-    return slug(text, "x")
 
 
 class StageManifest:
@@ -87,6 +83,7 @@ class _Backbone:
     rw: Any
     specs: list
     items: list = field(default_factory=list)       # extract PlanItems, one per layer
+    missing: set = field(default_factory=set)       # keys of the specs whose cache entry lacks images
 
 
 @dataclass
@@ -147,17 +144,6 @@ def _spec_label(spec) -> str:
     return f"{spec.backbone} {spec.layer} ({spec.pool}, {spec.precision})"
 
 
-def _model_inputs(spec, digest, classifier, grid, cv, pca, seed, final_fit="train+val") -> dict:
-    import sklearn
-
-    from .. import safemodel
-    from ..classify import get_classifier_spec
-    values = list(grid) if grid else list(get_classifier_spec(classifier).grid)
-    return {"features": spec.canonical(), "data": digest, "classifier": classifier, "grid": values, "cv": cv,
-            "pca": pca, "seed": seed, "sklearn": sklearn.__version__, "final_fit": final_fit,
-            "model_format": safemodel.FORMAT}
-
-
 def _feature_sets(plan_backbones, fused) -> list:
     """Every feature set a run trains on: each backbone's layers, then the fusions."""
     from ..train import FeatureSet
@@ -180,79 +166,118 @@ def plan_pipeline(p: Pipeline, cache=None, force=(), *, dataset=None) -> Plan:
     """What :func:`run_pipeline` would do: opens the dataset (hashes new
     images), looks into the cache and the stage manifest, computes nothing."""
     from ..cache import FeatureCache
-    from ..extract import feature_specs
     force = _check_force(force)
     cache_dir = default_cache_dir(p, cache)
     cache = FeatureCache(cache_dir)
     ds = dataset if dataset is not None else _open_dataset(p, cache_dir)
     digest = _data_digest(ds)
     manifest = StageManifest(p.out_dir)
-    seed = p.dataset["seed"]
-    unique_ids = {s.id for s in ds.samples}
-
-    backbones = []
-    for b in p.backbones:
-        info, rw, specs = feature_specs(b["name"], b["weights"], b["layers"], b["pool"], b["precision"],
-                                        b["storage"], seed, p.engine["device"])
-        bb = _Backbone(b, info, rw, specs)
-        for spec in specs:
-            have = set(cache.ids(spec.key))
-            known_bad = set((manifest.data["extract"].get(spec.key) or {}).get("unreadable", {}))
-            missing = unique_ids - have - known_bad
-            note = f"; {len(known_bad & unique_ids)} unreadable" if known_bad & unique_ids else ""
-            if "extract" in force:
-                item = PlanItem("extract", _spec_label(spec), "compute",
-                                f"{len(unique_ids)} images (forced: entry dropped)", spec.key)
-            elif missing:
-                item = PlanItem("extract", _spec_label(spec), "compute",
-                                f"{len(missing)} of {len(unique_ids)} images{note}", spec.key)
-            else:
-                item = PlanItem("extract", _spec_label(spec), "cached", f"{len(unique_ids)} images{note}", spec.key)
-            if item.action == "compute" and not rw.available:
-                item.detail += f"; weights {rw.source}"
-            bb.items.append(item)
-        backbones.append(bb)
-
-    train = []
-    c = p.classifiers
-    for spec in _feature_sets(backbones, c.get("_fused") or []):
-        for name in c["names"]:
-            inputs = _model_inputs(spec, digest, name, c["grids"][name], c["cv"], c["pca"], seed,
-                                   c.get("final_fit", "train+val"))
-            model_id = f"{_slug(spec.backbone)}-{_slug(spec.layer)}-{name}-{_digest(inputs)[:10]}"
-            record = manifest.data["train"].get(model_id)
-            label = f"{spec.backbone} {spec.layer} {name}"
-            usable = (record is not None and record.get("inputs") == _digest(inputs)
-                      and str(record.get("file", "")).endswith("model.json")
-                      and _file_sha(p.out_dir / record["file"]) == record.get("sha256"))
-            if usable and "train" not in force:
-                item = PlanItem("train", label, "reuse", record["file"], model_id, inputs)
-            else:
-                from ..classify import PROBE_SEARCHED, get_classifier_spec
-                n = len(inputs["grid"])
-                why = " (forced)" if "train" in force and usable else ""
-                values = f"{n} value{'s' if n != 1 else ''}"
-                if c["grids"][name] is None and name in PROBE_SEARCHED and c["pca"] is None:
-                    values = f"{min(inputs['grid']):.0e}..{max(inputs['grid']):.0e} (adaptive)"
-                item = PlanItem("train", label, "compute",
-                                f"{get_classifier_spec(name).param_name}: {values}{why}", model_id, inputs)
-            train.append(item)
-
-    if p.finetune is None or not p.finetune["enabled"]:
-        ft = PlanItem("finetune", "-", "skip", "no [finetune] table" if p.finetune is None else "enabled = false")
-    else:
-        inputs = _finetune_inputs(p, digest)
-        record = manifest.data.get("finetune") or {}
-        bundle = p.out_dir / "finetune.featx"
-        usable = record.get("inputs") == _digest(inputs) and (bundle / "manifest.json").is_file()
-        name = f"{p.finetune['backbone']} ({p.finetune['epochs']} epochs)"
-        if usable and "finetune" not in force:
-            ft = PlanItem("finetune", name, "reuse", "finetune.featx", "finetune", inputs)
-        else:
-            ft = PlanItem("finetune", name, "compute", "(forced)" if usable else "", "finetune", inputs)
-
+    backbones = [_plan_extract(p, b, cache, ds, manifest, force) for b in p.backbones]
+    train = _plan_train(p, backbones, cache, ds, manifest, force)
+    ft = _plan_finetune(p, manifest, digest, force)
     ev_item, rep_item = _plan_evaluate_report(p, manifest, train, ft, digest, force)
     return Plan(p, cache_dir, force, ds, digest, backbones, train, ft, ev_item, rep_item, manifest)
+
+
+def _plan_extract(p: Pipeline, b: dict, cache, ds, manifest: StageManifest, force) -> _Backbone:
+    """One [[backbones]] table: an extract item per layer, cached or to compute."""
+    from ..extract import feature_specs
+    info, rw, specs = feature_specs(b["name"], b["weights"], b["layers"], b["pool"], b["precision"],
+                                    b["storage"], p.dataset["seed"], p.engine["device"])
+    bb = _Backbone(b, info, rw, specs)
+    unique_ids = {s.id for s in ds.samples}
+    for spec in specs:
+        known_bad = set((manifest.data["extract"].get(spec.key) or {}).get("unreadable", {}))
+        missing = unique_ids - set(cache.ids(spec.key)) - known_bad
+        note = f"; {len(known_bad & unique_ids)} unreadable" if known_bad & unique_ids else ""
+        if missing:
+            bb.missing.add(spec.key)
+        if "extract" in force:
+            item = PlanItem("extract", _spec_label(spec), "compute",
+                            f"{len(unique_ids)} images (forced: entry dropped)", spec.key)
+        elif missing:
+            item = PlanItem("extract", _spec_label(spec), "compute",
+                            f"{len(missing)} of {len(unique_ids)} images{note}", spec.key)
+        else:
+            item = PlanItem("extract", _spec_label(spec), "cached", f"{len(unique_ids)} images{note}", spec.key)
+        if item.action == "compute" and not rw.available:
+            item.detail += f"; weights {rw.source}"
+        bb.items.append(item)
+    return bb
+
+
+def _plan_train(p: Pipeline, backbones: list[_Backbone], cache, ds, manifest: StageManifest, force) -> list[PlanItem]:
+    """A train item per feature set x classifier. A fit's key is its
+    :class:`~featx.train.FitStore` digest, known once every part of the
+    feature set is in the cache (else the train stage finds it after extracting)."""
+    from ..errors import CacheError
+    from ..train import FitStore, split_features
+    store = FitStore(cache)
+    missing = set().union(*(bb.missing for bb in backbones))
+    items = []
+    for fset in _feature_sets(backbones, p.classifiers["_fused"]):
+        data = None
+        if not any(part.key in missing for part in fset.parts):
+            with contextlib.suppress(CacheError):       # parts that disagree: the train stage says so
+                data = split_features(cache, fset, ds)
+        items += [train_item(p, store, fset, data, name, manifest, force) for name in p.classifiers["names"]]
+    return items
+
+
+def fit_settings(p: Pipeline, classifier: str) -> dict:
+    """The keywords of :func:`featx.train.fit_or_reuse` that decide a fit, and
+    so its :meth:`~featx.train.FitStore.digest`: plan and train stage use these."""
+    import inspect
+
+    from ..train import fit_or_reuse
+    c = p.classifiers
+    # sgd's chunk size is part of its digest: the library's default, as in `featx compare`
+    rows = inspect.signature(fit_or_reuse).parameters["rows_per_chunk"].default
+    return {"grid": c["grids"][classifier], "pca": c["pca"], "cv": c["cv"], "seed": p.dataset["seed"],
+            "final_fit": c["final_fit"], "rows_per_chunk": rows}
+
+
+def train_item(p: Pipeline, store, fset, data, name: str, manifest: StageManifest, force) -> PlanItem:
+    """Fitting ``name`` on ``fset``: reused when the manifest holds the fit of
+    the same digest and its model file is intact. ``data``: the feature set's
+    cached rows (None: not known yet, the key stays empty)."""
+    from ..classify import PROBE_SEARCHED, get_classifier_spec
+    label = f"{fset.backbone} {fset.layer} {name}"
+    digest = store.digest(fset, data, name, **fit_settings(p, name)) if data is not None else ""
+    model_id = fit_model_id(fset, name, digest) if digest else ""
+    record = manifest.data["train"].get(model_id) if digest else None
+    usable = (record is not None and record.get("digest") == digest
+              and str(record.get("file", "")).endswith("model.json")
+              and _file_sha(p.out_dir / record["file"]) == record.get("sha256"))
+    if usable and "train" not in force:
+        return PlanItem("train", label, "reuse", record["file"], model_id, {"digest": digest})
+    grid = p.classifiers["grids"][name]
+    values = list(grid or get_classifier_spec(name).grid)
+    text = f"{len(values)} value{'s' if len(values) != 1 else ''}"
+    if grid is None and name in PROBE_SEARCHED and p.classifiers["pca"] is None:
+        text = f"{min(values):.0e}..{max(values):.0e} (adaptive)"
+    why = " (forced)" if usable else ""
+    return PlanItem("train", label, "compute", f"{get_classifier_spec(name).param_name}: {text}{why}", model_id,
+                    {"digest": digest})
+
+
+def fit_model_id(fset, classifier: str, digest: str) -> str:
+    """The name of a fit in the manifest and under ``models/``: readable, then
+    the start of its fit-store digest."""
+    from ..data import _slug
+    return f"{_slug(fset.backbone, 'x')}-{_slug(fset.layer, 'x')}-{classifier}-{digest[:10]}"
+
+
+def _plan_finetune(p: Pipeline, manifest: StageManifest, digest: str, force) -> PlanItem:
+    if p.finetune is None or not p.finetune["enabled"]:
+        return PlanItem("finetune", "-", "skip", "no [finetune] table" if p.finetune is None else "enabled = false")
+    inputs = _finetune_inputs(p, digest)
+    record = manifest.data.get("finetune") or {}
+    usable = record.get("inputs") == _digest(inputs) and (p.out_dir / "finetune.featx" / "manifest.json").is_file()
+    name = f"{p.finetune['backbone']} ({p.finetune['epochs']} epochs)"
+    if usable and "finetune" not in force:
+        return PlanItem("finetune", name, "reuse", "finetune.featx", "finetune", inputs)
+    return PlanItem("finetune", name, "compute", "(forced)" if usable else "", "finetune", inputs)
 
 
 def _plan_evaluate_report(p, manifest, train, ft, digest, force, best=None):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .load import FINETUNE_ARGS, Pipeline
 from .plan import (Plan, PlanItem, _Candidate, _check_force, _digest, _feature_sets, _file_sha, _plain_json,
-                   _plan_evaluate_report, choose_best, plan_pipeline)
+                   _plan_evaluate_report, choose_best, fit_model_id, fit_settings, plan_pipeline, train_item)
 from .summary import shown
 from .toml_write import dump_toml
 
@@ -174,54 +174,71 @@ def _save_model_atomically(pipe, folder: Path):
 
 def _stage_train(plan: Plan, cache, notify, events) -> list[_Candidate]:
     """Fit every feature set x classifier, through the fit store that
-    ``featx compare`` shares: an identical fit made by either is reused."""
-    from ..classify import _fmt_value
-    from ..train import FitStore, fit_or_reuse, split_features
+    ``featx compare`` shares: an identical fit made by either is reused.
+
+    A feature set extracted by this run is planned again first: its rows
+    (and so its fits' digests) are known only now. ``plan.train`` ends with
+    every item's key."""
+    from ..train import FitStore, split_features
     p, ds, manifest = plan.pipeline, plan.dataset, plan.manifest
+    _notify_leaks(p, ds, notify)
+    extracted = {i.key for bb in plan.backbones for i in bb.items if i.action == "compute"}
+    store = FitStore(cache)
+    candidates = []
+    n = 0
+    for fset in _feature_sets(plan.backbones, p.classifiers["_fused"]):
+        data = None
+        for name in p.classifiers["names"]:
+            item = plan.train[n]
+            if any(part.key in extracted for part in fset.parts):
+                data = split_features(cache, fset, ds) if data is None else data
+                item = train_item(p, store, fset, data, name, manifest, plan.force)
+            n += 1
+            at = f"[train {n}/{len(plan.train)}] {item.name}"
+            if item.action == "reuse":
+                record = manifest.data["train"][item.key]
+                notify(f"{at}: reused {record['file']} ({_score_text(record['row'])})")
+                events.append(dataclasses.replace(item, action="reused"))
+            else:
+                data = split_features(cache, fset, ds) if data is None else data
+                record = _fit(plan, store, cache, fset, data, name, at, notify)
+                item = dataclasses.replace(item, key=fit_model_id(fset, name, record["digest"]))
+                events.append(dataclasses.replace(item, action="computed"))
+            plan.train[n - 1] = item
+            candidates.append(_Candidate.from_record(item.key, record, order=n))
+    return candidates
+
+
+def _notify_leaks(p: Pipeline, ds, notify):
     from ..audit import leak_message, split_leaks
     leaks, dropped = split_leaks(ds), getattr(ds, "leaks_dropped", [])
     if leaks or dropped:
         notify("[train] " + leak_message(dropped or leaks, str(p.dataset["root"]), "[evaluate] drop_leaks = true",
                                          dropped=bool(dropped)))
-    c = p.classifiers
-    items = iter(plan.train)
-    candidates = []
-    total = len(plan.train)
-    store = FitStore(cache)
-    n = 0
-    for fset in _feature_sets(plan.backbones, c.get("_fused") or []):
-        data = None
-        for name in c["names"]:
-            item = next(items)
-            n += 1
-            at = f"[train {n}/{total}] {item.name}"
-            if item.action == "reuse":
-                record = manifest.data["train"][item.key]
-                r = record["row"]
-                notify(f"{at}: reused {record['file']} ({_score_text(r)})")
-                events.append(dataclasses.replace(item, action="reused"))
-            else:
-                if data is None:
-                    data = split_features(cache, fset, ds)
-                seconds = [(manifest.data["extract"].get(s.key) or {}).get("seconds") for s in fset.parts]
-                extract_seconds = None if all(x is None for x in seconds) else sum(x or 0.0 for x in seconds)
-                fitted, pipe, reused = fit_or_reuse(
-                    store, cache, fset, data, ds.classes, name, grid=c["grids"][name], pca=c["pca"], cv=c["cv"],
-                    jobs=p.engine["jobs"], seed=p.dataset["seed"], final_fit=c.get("final_fit", "train+val"),
-                    extract_seconds=extract_seconds, need_model=True)
-                file = f"models/{item.key}/model.json"
-                _save_model_atomically(pipe, p.out_dir / "models" / item.key)
-                record = _plain_json({**fitted, "inputs": _digest(item.inputs), "file": file,
-                                      "sha256": _file_sha(p.out_dir / file), "spec": fset.parts[0].canonical(),
-                                      "key": fset.key})
-                manifest.data["train"][item.key] = record
-                manifest.save()
-                f, r = record["fit"], record["row"]
-                how = "reused an identical fit from the fit store" if reused else f"fit {r['fit_seconds']:.2f} s"
-                notify(f"{at}: {f['param_name']}={_fmt_value(f['chosen'])}, {_score_text(r)}, {how}")
-                events.append(dataclasses.replace(item, action="computed"))
-            candidates.append(_Candidate.from_record(item.key, record, order=n))
-    return candidates
+
+
+def _fit(plan: Plan, store, cache, fset, data, name: str, at: str, notify) -> dict:
+    """One fit (or the fit store's identical one), its model kept as
+    ``models/MODEL_ID/`` and its record in the manifest under MODEL_ID
+    (:func:`fit_model_id` of its digest); returns the record."""
+    from ..classify import _fmt_value
+    from ..train import fit_or_reuse
+    p, manifest = plan.pipeline, plan.manifest
+    seconds = [(manifest.data["extract"].get(s.key) or {}).get("seconds") for s in fset.parts]
+    extract_seconds = None if all(x is None for x in seconds) else sum(x or 0.0 for x in seconds)
+    fitted, pipe, reused = fit_or_reuse(store, cache, fset, data, plan.dataset.classes, name, jobs=p.engine["jobs"],
+                                        extract_seconds=extract_seconds, need_model=True, **fit_settings(p, name))
+    model_id = fit_model_id(fset, name, fitted["digest"])
+    file = f"models/{model_id}/model.json"
+    _save_model_atomically(pipe, p.out_dir / "models" / model_id)
+    record = _plain_json({**fitted, "file": file, "sha256": _file_sha(p.out_dir / file),
+                          "spec": fset.parts[0].canonical(), "key": fset.key})
+    manifest.data["train"][model_id] = record
+    manifest.save()
+    f, r = record["fit"], record["row"]
+    how = "reused an identical fit from the fit store" if reused else f"fit {r['fit_seconds']:.2f} s"
+    notify(f"{at}: {f['param_name']}={_fmt_value(f['chosen'])}, {_score_text(r)}, {how}")
+    return record
 
 
 def _score_text(r: dict) -> str:

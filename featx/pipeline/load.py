@@ -23,7 +23,10 @@ class Pipeline:
 
     Paths are absolute (``dataset["root"]``, ``output["dir"]``,
     ``output["cache"]``, file weights); ``dataset["path"]`` keeps what the
-    file says (``featx:NAME`` stays as it is).
+    file says (``featx:NAME`` stays as it is). Keys that start with ``_`` are
+    what loading found (``backbones[i]["_weights"]``: the ResolvedWeights;
+    ``classifiers["_fused"]``: the fusions as requests); the resolved copy
+    leaves them out.
     """
 
     path: Path
@@ -167,7 +170,7 @@ def _resolve_backbones(where: _Where, backbones: list[dict], base: Path, seed: i
     seen = {}
     for i, b in enumerate(backbones):
         _resolve_backbone(where, f"backbones[{i}]", b, base, seed)
-        ident = (b["name"], b["_identity"], b["pool"], b["precision"], b["storage"])
+        ident = (b["name"], b["_weights"].identity, b["pool"], b["precision"], b["storage"])
         if ident in seen:
             raise where.error(f"backbones[{i}]", f"same backbone, weights, pool and precision as "
                                                  f"backbones[{seen[ident]}]; put all its layers in one table")
@@ -300,7 +303,7 @@ def _resolve_backbone(where, at, b, base, seed):
     from ..backbones import get_backbone
     info = get_backbone(b["name"])
     b["weights"], rw = _resolve_weights_at(where, f"{at}.weights", b["name"], b["weights"], base, seed)
-    b["_identity"] = rw.identity
+    b["_weights"] = rw             # resolved once: the plan builds its feature specs from it
     layers = b["layers"] or [info.default_layer]
     if len(set(layers)) != len(layers):
         dup = next(x for x in layers if layers.count(x) > 1)

@@ -183,7 +183,7 @@ def _plan_extract(p: Pipeline, b: dict, cache, ds, manifest: StageManifest, forc
     """One [[backbones]] table: an extract item per layer, cached or to compute."""
     from ..extract import feature_specs
     info, rw, specs = feature_specs(b["name"], b["weights"], b["layers"], b["pool"], b["precision"],
-                                    b["storage"], p.dataset["seed"], p.engine["device"])
+                                    b["storage"], p.dataset["seed"], p.engine["device"], resolved=b["_weights"])
     bb = _Backbone(b, info, rw, specs)
     unique_ids = {s.id for s in ds.samples}
     for spec in specs:

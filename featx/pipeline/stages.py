@@ -44,9 +44,15 @@ def _engine(p: Pipeline, notify):
     return distributed.engine(e["kind"], e["scheduler"], shard_size=e["shard_size"], notify=notify)
 
 
-def _copy_folder_atomically(src: Path, dst: Path):
+def _write_folder_atomically(dst: Path, fill):
+    """``fill(tmp)`` writes a new folder beside ``dst``, which then replaces ``dst`` in one rename."""
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    shutil.copytree(src, tmp)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}")
@@ -158,20 +164,6 @@ def _stage_extract(plan: Plan, cache, extract_fn, progress, notify, events):
         manifest.save()
 
 
-def _save_model_atomically(pipe, folder: Path):
-    from .. import safemodel
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    tmp.mkdir(parents=True)
-    try:
-        safemodel.save(pipe, tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _stage_train(plan: Plan, cache, notify, events) -> list[_Candidate]:
     """Fit every feature set x classifier, through the fit store that
     ``featx compare`` shares: an identical fit made by either is reused.
@@ -221,6 +213,7 @@ def _fit(plan: Plan, store, cache, fset, data, name: str, at: str, notify) -> di
     """One fit (or the fit store's identical one), its model kept as
     ``models/MODEL_ID/`` and its record in the manifest under MODEL_ID
     (:func:`fit_model_id` of its digest); returns the record."""
+    from .. import safemodel
     from ..classify import _fmt_value
     from ..train import fit_or_reuse
     p, manifest = plan.pipeline, plan.manifest
@@ -230,7 +223,7 @@ def _fit(plan: Plan, store, cache, fset, data, name: str, at: str, notify) -> di
                                         extract_seconds=extract_seconds, need_model=True, **fit_settings(p, name))
     model_id = fit_model_id(fset, name, fitted["digest"])
     file = f"models/{model_id}/model.json"
-    _save_model_atomically(pipe, p.out_dir / "models" / model_id)
+    _write_folder_atomically(p.out_dir / "models" / model_id, lambda tmp: safemodel.save(pipe, tmp))
     record = _plain_json({**fitted, "file": file, "sha256": _file_sha(p.out_dir / file),
                           "spec": fset.parts[0].canonical(), "key": fset.key})
     manifest.data["train"][model_id] = record
@@ -309,7 +302,8 @@ def _best_bundle(plan: Plan, best: _Candidate, bundle_path: Path):
     from ..train import FeatureSet, fit_from_record
     p, ds, manifest = plan.pipeline, plan.dataset, plan.manifest
     if best.model_id == "finetune":
-        _copy_folder_atomically(p.out_dir / "finetune.featx", bundle_path)
+        _write_folder_atomically(bundle_path, lambda tmp: shutil.copytree(p.out_dir / "finetune.featx", tmp,
+                                                                          dirs_exist_ok=True))
         return
     record = manifest.data["train"][best.model_id]
     specs = [FeatureSpec.from_json(x) for x in record.get("specs") or [record["spec"]]]

@@ -30,21 +30,27 @@ Stages, in order::
     report    OUT/report.html, metrics.json, comparison.csv/.md
 
 Reuse: features come from the cache (keyed by what determines their numbers);
-each fitted model, the fine-tuned bundle, the evaluation and the report are
-recorded in ``OUT/stages.json`` with a hash of their inputs, and are reused
-while the hash matches. ``force`` redoes stages; :func:`plan_pipeline` says
+each fitted model is named by its digest in the fit store that ``featx
+compare`` shares (:class:`featx.train.FitStore`); the fine-tuned bundle, the
+evaluation and the report are recorded in ``OUT/stages.json`` with a hash of
+their inputs. Each is reused while its digest or hash matches. ``force`` redoes stages; :func:`plan_pipeline` says
 what a run would do without doing it.
 
 Everything a run writes lies under the output folder::
 
     pipeline.toml          the resolved pipeline (defaults filled, paths absolute)
     stages.json            the stage manifest: input hashes, what each stage produced
-    models/*.joblib        every fitted classifier (a cache: safe to delete)
+    models/ID/model.json   every fitted classifier, code-free (a cache: safe to delete)
     best.featx/            the best model as a bundle (`featx predict` reads it)
     finetune.featx/, finetune.work/   the fine-tuned bundle and its checkpoint/log
     metrics.json           best model, its test metrics, the comparison
     comparison.csv, comparison.md
     confusion_matrix.png, predictions.csv, report.html
+
+The package: :mod:`.schema` (the keys), :mod:`.load` (reading and
+cross-checks), :mod:`.toml_write` (the resolved copy), :mod:`.plan` (the
+stage manifest and the plan), :mod:`.stages` (running), :mod:`.summary`
+(the closing lines).
 """
 
 from __future__ import annotations

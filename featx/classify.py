@@ -40,6 +40,7 @@ from sklearn.svm import SVC, LinearSVC
 
 from .errors import ConfigError, DatasetError
 from .files import atomic_write_text
+from .text import text_table
 
 __all__ = [
     "CLASSIFIERS",
@@ -1160,18 +1161,10 @@ def format_table(rows: Iterable[ComparisonRow]) -> str:
     * winner chosen by 5-fold CV accuracy on train
     """
     ranked = rank_rows(rows)
-    header = [" ", "#", *_COLUMNS]
     body = [["*" if i == 0 else " ", str(i + 1), *_display_cells(r)]
             for i, r in enumerate(ranked)]
-    widths = [max(len(line[j]) for line in [header, *body]) for j in range(len(header))]
     numeric = {1, 4, 7, 8, 9, 10, 11}
-    def fmt(cells):
-        return "  ".join(c.rjust(w) if j in numeric else c.ljust(w)
-                         for j, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    lines = [fmt(header), fmt(["-" * w for w in widths])]
-    lines += [fmt(cells) for cells in body]
-    lines.append(selection_note(ranked))
-    return "\n".join(lines)
+    return text_table(body, [" ", "#", *_COLUMNS], right=numeric) + "\n" + selection_note(ranked)
 
 
 CSV_FIELDS = ("rank", "winner", "backbone", "layer", "dims", "classifier", "param_name",

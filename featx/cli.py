@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from .errors import DatasetError, FeatxError, ImageError
+from .text import slug, text_table
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_CACHE = os.environ.get("FEATX_CACHE", "cache")
@@ -124,14 +125,6 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 # --------------------------------------------------------------------------
 # backbones and layers
 
@@ -148,7 +141,7 @@ def backbones_cmd():
         auto = f"{rw.name} ({'offline' if rw.available else 'download'})"
         size = f"{rw.preprocess.crop}px"
         rows.append([name, info.default_layer, str(info.dims), size, auto, status])
-    click.echo(_table(rows, ["backbone", "default layer", "dims", "input", "auto weights", "all weights"]))
+    click.echo(text_table(rows, ["backbone", "default layer", "dims", "input", "auto weights", "all weights"]))
 
 
 @cli.command("layers")
@@ -161,7 +154,7 @@ def layers_cmd(backbone, all_nodes):
     for r in layer_table(backbone, all_nodes=all_nodes):
         shape = "x".join(str(s) for s in r["shape"])
         rows.append([r["layer"] + ("  (default)" if r["default"] else ""), shape, str(r["avg_dim"])])
-    click.echo(_table(rows, ["layer", "output shape", "dims (--pool avg)"]))
+    click.echo(text_table(rows, ["layer", "output shape", "dims (--pool avg)"]))
 
 
 # --------------------------------------------------------------------------
@@ -267,7 +260,7 @@ def cache_ls(cache_dir):
     if not rows:
         click.echo(f"no cache entries in {cache.root}")
         return
-    click.echo(_table(rows, ["key", "backbone", "layer", "pool", "images", "dims", "size", "created"]))
+    click.echo(text_table(rows, ["key", "backbone", "layer", "pool", "images", "dims", "size", "created"]))
 
 
 @cache_group.command("info")
@@ -576,7 +569,6 @@ def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, th
     val (or CV) score; the test split never chooses.
     """
     from .classify import _fmt_value, format_table, write_table
-    from .data import _slug
     from .train import compare, parse_features, parse_grid
     check_runtime(extraction)
     backbones = check_names(backbones)
@@ -609,7 +601,7 @@ def compare_cmd(dataset, backbones, layers, classifiers, grid, pca, cv, jobs, th
         click.echo(f"reused {result.reused} of {len(result.rows)} results of identical earlier fits "
                    "(--refit fits again)")
     click.echo(format_table(result.rows))
-    folder = Path(out) if out else Path("runs") / f"compare-{_slug(ds.name)}"
+    folder = Path(out) if out else Path("runs") / f"compare-{slug(ds.name)}"
     write_table(result.rows, folder / "compare.csv", folder / "compare.md")
     click.echo(f"wrote {folder / 'compare.csv'} and {folder / 'compare.md'}")
 
@@ -641,7 +633,6 @@ def audit_cmd(dataset, layer, out, near_threshold, outlier_z, folds, quiet, cach
     counts and the command that fixes the first finding of each kind.
     """
     from .audit import NEAR_THRESHOLD, OUTLIER_Z, run_audit, summary_lines, write_audit
-    from .data import _slug
     check_runtime(extraction)
     extraction["backbone"] = check_names([extraction["backbone"]], [(extraction["backbone"], layer)] if layer else [])[0]
     ds = open_dataset_from(dataset, cache_dir, layout, label_regex, val_fraction, test_fraction, seed)
@@ -651,7 +642,7 @@ def audit_cmd(dataset, layer, out, near_threshold, outlier_z, folds, quiet, cach
                        near_threshold=NEAR_THRESHOLD if near_threshold is None else near_threshold,
                        outlier_z=OUTLIER_Z if outlier_z is None else outlier_z, folds=folds, seed=seed,
                        progress=not quiet, notify=echo_err, **_extract_args(extraction))
-    folder = Path(out) if out else Path("runs") / f"audit-{_slug(ds.name)}"
+    folder = Path(out) if out else Path("runs") / f"audit-{slug(ds.name)}"
     written = write_audit(result, folder)
     for line in summary_lines(result, written):
         click.echo(line)
@@ -702,7 +693,6 @@ def evaluate_cmd(ctx, model, dataset, split, top_k, out, weights, trust_bundle, 
     import contextlib
 
     from .bundle import load_bundle
-    from .data import _slug
     from .evaluate import evaluate_bundle, format_metrics, write_evaluation
     bundle = load_bundle(model, trust=trust_bundle, notify=echo_err)
     for w in bundle.warnings:
@@ -718,15 +708,25 @@ def evaluate_cmd(ctx, model, dataset, split, top_k, out, weights, trust_bundle, 
     _echo_notes(ev.notes)
     click.echo(f"{bundle.name} on {ds.name}, split {ev.metrics['split']}")
     click.echo(format_metrics(ev.metrics))
-    name = f"evaluate-{_slug(Path(bundle.name).stem)}-{_slug(ds.name)}-{ev.metrics['split']}"
+    name = f"evaluate-{slug(Path(bundle.name).stem)}-{slug(ds.name)}-{ev.metrics['split']}"
     folder = Path(out) if out else Path("runs") / name
     paths = write_evaluation(ev, bundle, folder)
     click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
+class _ImagesPath(click.Path):
+    """An existing file or folder, or ``featx:NAME`` (a dataset shipped with featx)."""
+
+    def convert(self, value, param, ctx):
+        from .data import PACKAGE_DATASET_PREFIX, resolve_dataset_path
+        if isinstance(value, str) and value.startswith(PACKAGE_DATASET_PREFIX):
+            value = str(resolve_dataset_path(value))
+        return super().convert(value, param, ctx)
+
+
 @cli.command("predict")
 @click.argument("model", type=click.Path())
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=_ImagesPath(exists=True))
 @click.option("--threshold", "-t", default=None, type=click.FloatRange(0, 1),
               help="Below this probability the label is 'uncertain' instead of a guess.")
 @click.option("--top-k", "-k", default=1, show_default=True, type=click.IntRange(1),

@@ -60,9 +60,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .backbones import file_sha256
-from .cache import _fsync
 from .errors import ConfigError, FeatxError, WeightsError
+from .files import file_sha256, fsync_path, sha256_of
 
 __all__ = [
     "BUNDLE_FORMAT", "Bundle", "BundleError", "BundleKind", "KINDS", "Predictions",
@@ -187,7 +186,10 @@ class Bundle:
         return self.path.name
 
 
-def _versions() -> dict:
+def _bundle_versions() -> dict:
+    """The libraries a bundle's model is saved and loaded with (imported here:
+    loading needs them anyway); :func:`featx.cache._entry_versions` records
+    what computed a cache entry's features instead."""
     import joblib
     import safetensors
     import sklearn
@@ -233,21 +235,21 @@ def save_bundle(path: str | os.PathLike, manifest: dict, payload: Any) -> Path:
             p = tmp / name
             if not p.is_file():
                 raise BundleError(f"bundle kind {kind.name!r} did not write {name}")
-            _fsync(p)
+            fsync_path(p)
             files[name] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
         full = {"featx_bundle": BUNDLE_FORMAT, **manifest,
                 "created": manifest.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "versions": _versions(), "files": files}
+                "versions": _bundle_versions(), "files": files}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
-        _fsync(tmp / MANIFEST)
-        _fsync(tmp)
+        fsync_path(tmp / MANIFEST)
+        fsync_path(tmp)
         old = None
         if path.exists():
             # the old bundle steps aside only now that the new one is complete
             old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:6]}")
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -279,7 +281,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
         newer = type(version) is int and version > BUNDLE_FORMAT
         reads = " and ".join(str(v) for v in READS_FORMATS)
         raise BundleError(f"{path}: bundle format {version!r} is unknown to featx "
-                          f"{_versions()['featx']}, which reads formats {reads}"
+                          f"{_bundle_versions()['featx']}, which reads formats {reads}"
                           + ("; upgrade featx" if newer else ""))
     return manifest
 
@@ -338,7 +340,7 @@ def load_bundle(path: str | os.PathLike, *, trust: bool = False, notify: Callabl
         payload = kind.load(path, manifest)
     warnings = []
     made_with = (manifest.get("versions") or {}).get("scikit-learn")
-    here = _versions()["scikit-learn"]
+    here = _bundle_versions()["scikit-learn"]
     if made_with and made_with != here:
         warnings.append(f"{path.name} was made with scikit-learn {made_with}, this is {here}: "
                         "predictions may differ slightly")
@@ -368,7 +370,6 @@ def _describe(identity: str, sha: str | None) -> str:
 
 def weights_sha256(rw) -> str | None:
     """sha256 of the weights file behind a ResolvedWeights (None when there is no file)."""
-    from .backbones import sha256_of
     if rw.meta.get("sha256"):
         return rw.meta["sha256"]
     if rw.path is not None and Path(rw.path).is_file():

@@ -1,10 +1,11 @@
-"""File helpers every module shares: atomic writes that honour the umask, sha256 of files.
+"""File helpers every module shares: atomic writes that honour the umask, fsync, sha256 of files.
 
 (The HDF5 cache has its own crash-safe writing in :mod:`featx.cache`.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -12,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "file_sha256", "sha256_of"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "file_sha256", "fsync_path", "sha256_of"]
 
 
 def _umask() -> int:
@@ -59,6 +60,16 @@ def atomic_write_bytes(path, data: bytes) -> Path:
 def atomic_write_text(path, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file (or a folder, after a rename in it) to disk; best effort, errors are ignored."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

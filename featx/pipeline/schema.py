@@ -27,7 +27,7 @@ class Key:
     """One key of a table: its type, default and what values are allowed.
 
     ``kind``: ``str``, ``int``, ``float`` (an int is accepted), ``bool``,
-    ``str_list``, ``number_or_none``; ``choices``: allowed values (a
+    ``str_list``, ``number`` (int or float, kept as given), ``table``; ``choices``: allowed values (a
     callable returning them, for registries); ``check(value)`` returns a
     problem (``"must be at least 1"``) or None; ``what`` describes the
     value for the "missing" message.

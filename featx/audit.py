@@ -506,7 +506,8 @@ def _duplicates_html(result: AuditResult, report) -> list[str]:
 
 def write_html(result: AuditResult, path) -> Path:
     """audit.html: a summary, then duplicates and leaks, label issues and outliers with thumbnails."""
-    from .report import _CSS, _e, atomic_write_text, html_table
+    from .files import atomic_write_text
+    from .report import _CSS, _e, html_table
     s = result.settings
     title = f"Audit of {result.dataset.name}"
     css = _CSS + ".group { border-top: 1px solid #ccc; padding-top: 0.5em; }\n.leak { background: #fdecea; }\n"

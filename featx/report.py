@@ -23,9 +23,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .files import _atomic_write, atomic_write_text
+
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_write_text",
     "html_table",
     "plot_confusion_matrix",
     "plot_training_curves",
@@ -36,13 +36,6 @@ __all__ = [
 THUMBNAIL_PX = 128
 # Above this many classes the cell numbers would be unreadable; the colours stay.
 MAX_ANNOTATED_CLASSES = 40
-
-
-# --------------------------------------------------------------------------
-# atomic files
-
-
-from .files import _atomic_write, _umask, atomic_write_bytes, atomic_write_text  # noqa: E402,F401  (re-exported)
 
 
 # --------------------------------------------------------------------------

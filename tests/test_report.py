@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featx import report
+from featx import files
 from featx.classify import ComparisonRow, evaluate
 from featx.report import (plot_confusion_matrix, plot_training_curves, save_metrics_json,
                           write_html_report)
@@ -202,6 +202,6 @@ def test_interrupted_write_keeps_the_old_file(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        report._atomic_write(path, fail)
+        files._atomic_write(path, fail)
     assert json.loads(path.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

@@ -264,8 +264,8 @@ def train_item(p: Pipeline, store, fset, data, name: str, manifest: StageManifes
 def fit_model_id(fset, classifier: str, digest: str) -> str:
     """The name of a fit in the manifest and under ``models/``: readable, then
     the start of its fit-store digest."""
-    from ..data import _slug
-    return f"{_slug(fset.backbone, 'x')}-{_slug(fset.layer, 'x')}-{classifier}-{digest[:10]}"
+    from ..text import slug
+    return f"{slug(fset.backbone, 'x')}-{slug(fset.layer, 'x')}-{classifier}-{digest[:10]}"
 
 
 def _plan_finetune(p: Pipeline, manifest: StageManifest, digest: str, force) -> PlanItem:

@@ -87,7 +87,108 @@ def naive(backbone: str, weights, paths, batch=32, device="cpu"):
     return len(paths) / (time.perf_counter() - t0)
 
 
-def forward_only(backbone, weights, n, precision, compile=False, batch=32, plain=False, onnx=False, device="cpu"):
+def tuned(backbone: str, weights, paths, batch=32, device="cpu"):
+    """A carefully written PyTorch loop: a DataLoader with one decode worker
+    per core running weights.transforms(), channels_last, inference_mode."""
+    import os
+
+    from PIL import Image
+    lb = __import__("featx").load_backbone(backbone, weights)
+    enum = lb.info.weights_enum
+    transform = (enum[lb.weights.name] if lb.weights.kind == "torchvision" else enum.DEFAULT).transforms()
+
+    class Files(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(paths)
+
+        def __getitem__(self, i):
+            return transform(Image.open(paths[i]).convert("RGB"))
+
+    model = lb.model.eval().to(device).to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    loader = torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=os.cpu_count() or 1,
+                                         pin_memory=torch.device(device).type == "cuda")
+    with torch.inference_mode():
+        for x in loader:
+            model(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)).cpu()
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def whole_command(backbone, weights, paths, precision, cache_dir, device="cpu", extra=()):
+    """``featx extract`` as a user runs it: a new process over a folder of
+    ``paths`` (symlinked), timed from outside, start to exit."""
+    import shutil
+    root = Path(cache_dir) / "images"
+    if root.exists():
+        shutil.rmtree(root)
+    for i, p in enumerate(paths):
+        q = root / p.parent.name / f"{i:05d}{p.suffix}"
+        q.parent.mkdir(parents=True, exist_ok=True)
+        q.symlink_to(p.resolve())
+    featx_bin = Path(sys.executable).with_name("featx")
+    cmd = [str(featx_bin), "extract", str(root), "-b", backbone, "--weights", weights, "--precision", precision,
+           "--device", device, "--cache", str(Path(cache_dir) / "cache"), "--quiet", *extra]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()[-300:]}")
+    return len(paths) / dt
+
+
+def startup(backbone, weights, n=64):
+    """Where the seconds before the first batch go, each measured alone:
+    importing featx's CLI with torch, building the network, exporting it to
+    ONNX (and what the stored export costs instead), starting ONNX Runtime,
+    and the decode workers' first batch."""
+    import featx
+    from featx.extract import ImageBatches, OnnxForward
+    from featx.quantize import ModelStore
+    out = {}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import featx.cli, featx.extract"], check=True)
+    out["import featx.cli + torch (new process)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lb = featx.load_backbone(backbone, weights)
+    out["build the network, load weights"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as d:
+        store = ModelStore(d)
+        t0 = time.perf_counter()
+        OnnxForward(lb, [lb.info.default_layer], "avg", store=store)
+        out["ONNX export + check + session (first run)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        OnnxForward(lb, [lb.info.default_layer], "avg", store=store)
+        out["session from the stored export (later runs)"] = time.perf_counter() - t0
+    paths = image_list(n, Path(tempfile.gettempdir()))
+    t0 = time.perf_counter()
+    batches = ImageBatches(paths, lb.preprocess, batch_size=32, workers=None, progress=False)
+    next(iter(batches))
+    out["decode workers: first batch"] = time.perf_counter() - t0
+    batches.close()
+    return out
+
+
+def threads_vs_workers(backbone, weights, paths, precision, work: Path):
+    """Whole featx extract (in-process) for each split of the cores between
+    ONNX Runtime's threads and decode workers."""
+    import os
+    import featx
+    cpus = os.cpu_count() or 1
+    rows = []
+    saved = torch.get_num_threads()
+    for threads in sorted({1, max(1, cpus // 2), cpus}):
+        for workers in sorted({1, max(1, cpus - 1), cpus, cpus + 1}):
+            torch.set_num_threads(threads)   # ONNX Runtime's intra-op threads follow torch's
+            t0 = time.perf_counter()
+            rep = featx.extract(samples_for(paths), backbone, weights=weights, precision=precision,
+                                cache=work / f"tw-{threads}-{workers}", progress=False, workers=workers)
+            rows.append((threads, workers, rep.n_extracted / (time.perf_counter() - t0)))
+    torch.set_num_threads(saved)
+    return rows
+
+
+def forward_only(backbone, weights, n, precision, compile=False, batch=32, plain=False, onnx=False, device="cpu",
+                 int8=False):
     """Forward passes on pre-made batches: ``plain`` = the torchvision model as
     built (fp32, NCHW); ``onnx`` = featx's ONNX Runtime forward; else
     featx's torch Forward (folded BN, channels_last, optionally compiled;
@@ -107,7 +208,11 @@ def forward_only(backbone, weights, n, precision, compile=False, batch=32, plain
             with torch.inference_mode():
                 model(xf)
     elif onnx:
-        ort = OnnxForward(lb, [lb.info.default_layer], "avg")
+        calibration = None
+        if int8:   # calibrated on real images, as extraction does
+            from featx.quantize import calibration_for
+            calibration = calibration_for(samples_for(image_list(128, Path(tempfile.gettempdir()))))
+        ort = OnnxForward(lb, [lb.info.default_layer], "avg", calibration=calibration)
         def step():
             ort(x)
     else:
@@ -206,11 +311,12 @@ def peak_rss_child(backbone, weights, paths, precision, device="cpu") -> float:
     return r["self"], r["children"]
 
 
-def probe_accuracy(backbone, weights, n_train, precisions, cache_dir):
+def probe_accuracy(backbone, weights, n_train, precisions, cache_dir, n_classes=0):
     """A logistic-regression probe on features of the same images in each
     precision: fit on a stratified ``n_train`` subset of clothing-small's
     train split (or all of the shipped clothing-mini's when clothing-small
-    is absent), scored on the whole test split."""
+    is absent), scored on the whole test split; ``n_classes``: only the
+    first classes (a second, easier dataset made of the same photos)."""
     import featx
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
@@ -219,9 +325,13 @@ def probe_accuracy(backbone, weights, n_train, precisions, cache_dir):
     root = SHARED if SHARED.is_dir() else Path(featx.__file__).parent / "datasets" / "clothing-mini"
     ds = featx.open_dataset(root)
     train, test = ds.subset("train"), ds.subset("test")
+    if n_classes:
+        keep = set(ds.classes[:n_classes])
+        train, test = [s for s in train if s.label in keep], [s for s in test if s.label in keep]
     if n_train < len(train):
         train, _ = train_test_split(train, train_size=n_train, random_state=0, stratify=ds.labels(train))
-    out = {"dataset": f"{root.name}: {len(train)} train, {len(test)} test images"}
+    name = f"{root.name}, its first {n_classes} classes" if n_classes else root.name
+    out = {"dataset": f"{name}: {len(train)} train, {len(test)} test images"}
     preds = {}
     for prec in precisions:
         t0 = time.perf_counter()
@@ -267,6 +377,14 @@ def run(backbone, weights, n, precision, do_rss, compile_rows, device="cpu"):
         row = {"backbone": backbone, "n": n, "precision": precision, "threads": torch.get_num_threads(),
                "runtime": runtime, "device": device, "batch": batch}
         row["a_naive"] = naive(backbone, weights, main, device=device)
+        row["a2_tuned"] = tuned(backbone, weights, main, batch=batch, device=device)
+        row["c_command"] = whole_command(backbone, weights, main, precision, work / "cmd", device)
+        if runtime == "onnx":   # int8: first run (calibration and quantization included), then with the stored model
+            row["c_int8_first"] = whole_command(backbone, weights, main, "int8", work / "cmd8", device)
+            import shutil
+            shutil.rmtree(work / "cmd8" / "cache" / next(p.name for p in (work / "cmd8" / "cache").iterdir()
+                                                         if "-int8-" in p.name))
+            row["c_int8"] = whole_command(backbone, weights, main, "int8", work / "cmd8", device)
         # featx's own runs before anything compiles: inductor leaves a pool of
         # compile workers behind that would share the two cores with them
         row["c_default"], rep = featx_extract(backbone, weights, main, precision, work / "c3", device=device)
@@ -277,6 +395,7 @@ def run(backbone, weights, n, precision, do_rss, compile_rows, device="cpu"):
         row["b_eager"] = forward_only(backbone, weights, n, precision, compile=False, batch=batch, device=device)
         if runtime == "onnx":
             row["b_onnx"] = forward_only(backbone, weights, n, precision, onnx=True)
+            row["b_onnx_int8"] = forward_only(backbone, weights, n, precision, onnx=True, int8=True)
         if compile_rows:
             row["b_compiled"] = forward_only(backbone, weights, n, precision, compile=True, batch=batch,
                                              device=device)
@@ -285,6 +404,11 @@ def run(backbone, weights, n, precision, do_rss, compile_rows, device="cpu"):
         row["b_forward"] = row["b_onnx"] if runtime == "onnx" else row["b_eager"]
         row["c/a"] = row["c_default"] / row["a_naive"]
         row["c/b"] = row["c_default"] / row["b_forward"]
+        for c in ("c_command", "c_int8"):
+            if c in row:
+                row[f"{c}/a"] = row[c] / row["a_naive"]
+                row[f"{c}/a2"] = row[c] / row["a2_tuned"]
+                row[f"{c}/b"] = row[c] / row["b_onnx_int8" if c == "c_int8" else "b_forward"]
         row["c_torch/b_torch"] = row["c_eager"] / row["b_eager"]
         row["breakdown"] = breakdown(backbone, weights, main[: min(n, max(256, 4 * batch))], precision, runtime,
                                      device, batch)
@@ -295,13 +419,18 @@ def run(backbone, weights, n, precision, do_rss, compile_rows, device="cpu"):
 
 
 ROWS = [("(a) naive loop (PIL + transforms per image, fp32 NCHW, main process)", "a_naive"),
+        ("(a2) tuned PyTorch loop (DataLoader, a worker per core, channels_last, inference_mode)", "a2_tuned"),
         ("(b) forward only, torchvision model as built (fp32 NCHW)", "b_plain"),
         ("(b) forward only, featx network in torch (BN folded, channels_last)", "b_eager"),
         ("(b) forward only, featx network in torch, compiled", "b_compiled"),
         ("(b) forward only, featx network in ONNX Runtime", "b_onnx"),
+        ("(b) forward only, featx network in ONNX Runtime int8", "b_onnx_int8"),
         ("(c) featx extract --runtime torch --compile off, cold cache", "c_eager"),
         ("(c) featx extract --runtime torch --compile on (compile time included)", "c_compiled"),
-        ("(c) **featx extract, defaults** (runtime {runtime}), cold cache", "c_default")]
+        ("(c) **featx extract, defaults** (runtime {runtime}), cold cache", "c_default"),
+        ("(c) `featx extract` command, defaults, timed from outside (start-up included)", "c_command"),
+        ("(c) `featx extract --precision int8` command, first run (calibration + quantization)", "c_int8_first"),
+        ("(c) `featx extract --precision int8` command, quantized model stored", "c_int8")]
 
 
 def print_row(r):
@@ -315,6 +444,10 @@ def print_row(r):
             print(f"| {label.format(**r)} | {r[key]:.1f} | {r[key] / a:.2f}x |")
     print(f"\n(c)/(a) = {r['c/a']:.2f}x   (c)/(b) = {r['c/b']:.2f} (b = the same network in the same runtime "
           f"and precision); with --runtime torch: (c)/(b) = {r['c_torch/b_torch']:.2f}")
+    for c, what in (("c_command", "featx extract command"), ("c_int8", "featx extract --precision int8 command")):
+        if c in r:
+            print(f"{what}: (c)/(a) = {r[f'{c}/a']:.2f}x, (c)/(a2) = {r[f'{c}/a2']:.2f}x, "
+                  f"(c)/(b) = {r[f'{c}/b']:.2f}")
     b = r["breakdown"]
     print("where the time goes (serial, no overlap): " + ", ".join(
         f"{k} {v:.0%}" for k, v in b.items() if k != "decode ms/img") + f"; decode {b['decode ms/img']:.1f} ms/img")
@@ -353,8 +486,13 @@ def main():
                     help="train images for the fp32 vs reduced-precision probe (0: skip; it runs on --weights auto)")
     ap.add_argument("--probe-precision", action="append", help="reduced precisions to probe [default: bf16]")
     ap.add_argument("--probe-cache", default=None, help="cache folder for the probe [default: a temporary one]")
+    ap.add_argument("--probe-classes", type=int, action="append",
+                    help="also probe on the first K classes only (repeatable; 0: all) [default: all]")
     ap.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="run the speed rows")
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--startup", action="store_true", help="where the seconds before the first batch go")
+    ap.add_argument("--threads", action="store_true",
+                    help="whole extraction for each split of the cores between ONNX Runtime threads and decode workers")
     args = ap.parse_args()
     rows = []
     if args.speed:
@@ -362,13 +500,29 @@ def main():
             r = run(bb, args.weights, args.n, args.precision, not args.no_rss, not args.no_compile, args.device)
             print_row(r)
             rows.append(r)
+    for bb in (args.backbone or ["mobilenet_v2"]) if args.startup else ():
+        print(f"\n## start-up of {bb} (each part alone, seconds)")
+        print("| part | s |\n|---|---:|")
+        for k, v in startup(bb, args.weights).items():
+            print(f"| {k} | {v:.2f} |")
+        sys.stdout.flush()
+    for bb in (args.backbone or ["mobilenet_v2"]) if args.threads else ():
+        with tempfile.TemporaryDirectory() as d:
+            paths = image_list(args.n, Path(d))
+            rows_tw = threads_vs_workers(bb, args.weights, paths, args.precision, Path(d))
+        print(f"\n## {bb}: ONNX Runtime threads x decode workers, whole extraction of {args.n} images (img/s)")
+        print("| threads | workers | img/s |\n|---:|---:|---:|")
+        for t, w, v in rows_tw:
+            print(f"| {t} | {w} | {v:.1f} |")
+        sys.stdout.flush()
     if args.probe_train:
         precisions = ["fp32"] + (args.probe_precision or ["bf16"])
-        with tempfile.TemporaryDirectory() as d:
-            p = probe_accuracy((args.backbone or ["mobilenet_v2"])[0], "auto", args.probe_train, precisions,
-                               args.probe_cache or d)
-        print_probe(p, precisions)
-        rows.append({"probe": p})
+        for k in args.probe_classes or [0]:
+            with tempfile.TemporaryDirectory() as d:
+                p = probe_accuracy((args.backbone or ["mobilenet_v2"])[0], "auto", args.probe_train, precisions,
+                                   args.probe_cache or d, k)
+            print_probe(p, precisions)
+            rows.append({"probe": p})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -462,9 +462,10 @@ def bundle_probabilities(bundle: Bundle, samples: Sequence, **options) -> Predic
 
 def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weights=None, progress=True,
                           notify=None, **extract_options) -> Predictions:
+    from .backbones import get_backbone
     from .cache import FeatureCache
     from .classify import predict_proba
-    from .extract import extract
+    from .extract import RunOptions, Specs, extract
 
     parts = bundle.feature_parts
     # --weights says where the first backbone's weights are now: every part made with those same
@@ -489,18 +490,14 @@ def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weigh
     passes: dict[tuple, list[int]] = {}
     for i, ((b, spec), rw) in enumerate(zip(parts, resolved)):
         passes.setdefault((b["name"], rw.identity, spec.pool, spec.precision, spec.storage, spec.format), []).append(i)
+    run = RunOptions(progress=progress, **extract_options)
     for members in passes.values():
         (b, spec), rw = parts[members[0]], resolved[members[0]]
-        report = extract(samples, b["name"], weights=str(rw.path) if rw.kind == "file" else _weights_request(b),
-                         layers=[parts[i][1].layer for i in members], pool=spec.pool, precision=spec.precision,
-                         storage=spec.storage, cache=cache, progress=progress, seed=int(b.get("seed", 0)),
-                         notify=notify, feature_format=spec.format, **extract_options)
+        # the bundle's specs, as they are: only the weights' place on this machine is resolved
+        specs = Specs(get_backbone(b["name"]), rw, [parts[i][1] for i in members], int(b.get("seed", 0)))
+        report = extract(samples, specs, run, cache=cache, notify=notify, calibration=_calibration(bundle, spec))
         for i, got in zip(members, report.specs):
-            want = parts[i][1]
-            if got.canonical() != want.canonical():
-                raise BundleError(f"{bundle.path}: its features were {want.canonical()}, this featx computes "
-                                  f"{got.canonical()}; train the model again")
-            ids = set(cache.ids(want.key))
+            ids = set(cache.ids(got.key))
             have = ids if have is None else have & ids
         reasons.update(dict(report.skipped))
         extracted, cached = max(extracted, report.n_extracted), max(cached, report.n_cached)
@@ -513,6 +510,19 @@ def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weigh
         X = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
         proba[good] = predict_proba(bundle.payload, X, classes=len(bundle.classes))
     return Predictions(proba, errors, extracted, cached, seconds)
+
+
+def _calibration(bundle: Bundle, spec):
+    """An int8 spec's calibration: its id, and the ranges the bundle keeps
+    (None for other precisions)."""
+    from .quantize import Calibration, QuantizationError, check_ranges
+    if spec.precision != "int8":
+        return None
+    ranges = (bundle.manifest.get("int8") or {}).get(spec.calibration)
+    try:
+        return Calibration(spec.calibration, [], None if ranges is None else check_ranges(ranges, bundle.path.name))
+    except QuantizationError as e:
+        raise BundleError(f"{bundle.path}: {e}; train the model again") from None
 
 
 @dataclass(frozen=True)
@@ -622,7 +632,8 @@ def _backbone_record(spec, weights_spec, resolved, seed) -> dict:
 
 
 def linear_manifest(*, classes: Sequence[str], spec, weights_spec: str, resolved, seed: int, dims: int,
-                    fit, pca, dataset=None, test_metrics: dict | None = None, parts=None) -> dict:
+                    fit, pca, dataset=None, test_metrics: dict | None = None, parts=None,
+                    int8: dict | None = None) -> dict:
     """The manifest of a "linear" bundle (see :func:`save_bundle` for what is added).
 
     ``spec``: the FeatureSpec (or :class:`featx.train.FeatureSet`) the
@@ -632,6 +643,8 @@ def linear_manifest(*, classes: Sequence[str], spec, weights_spec: str, resolved
     ``(FeatureSpec, ResolvedWeights, weights value)`` each, and the
     manifest records them all under ``"parts"`` (columns in that order);
     ``"backbone"`` and ``"features"`` then describe the first part.
+    ``int8``: the calibration ranges of int8 features, by calibration id
+    (:func:`featx.quantize.bundle_ranges`), kept under ``"int8"``.
     """
     from .classify import get_classifier_spec
     fused = parts is not None and len(parts) > 1
@@ -668,4 +681,6 @@ def linear_manifest(*, classes: Sequence[str], spec, weights_spec: str, resolved
         cross = len({q.backbone for q, _, _ in parts}) > 1
         manifest["features"]["fused"] = "+".join(f"{p.backbone}:{p.layer}" if cross else p.layer
                                                  for p, _, _ in parts)
+    if int8:
+        manifest["int8"] = int8
     return manifest

@@ -76,12 +76,15 @@ class FeatureSpec:
     precision: str = "fp32"
     storage: str = "float32"
     format: int = FORMAT_VERSION
+    calibration: str = ""  # int8: the calibration's identity (featx.quantize.calibration_id)
 
     def canonical(self) -> str:
-        return json.dumps({
-            "backbone": self.backbone, "weights": self.weights, "layer": self.layer, "pool": self.pool,
-            "preprocess": self.preprocess, "precision": self.precision, "storage": self.storage,
-            "format": self.format}, sort_keys=True, separators=(",", ":"))
+        d = {"backbone": self.backbone, "weights": self.weights, "layer": self.layer, "pool": self.pool,
+             "preprocess": self.preprocess, "precision": self.precision, "storage": self.storage,
+             "format": self.format}
+        if self.calibration:   # only int8 specs have one: every other key stays as it was
+            d["calibration"] = self.calibration
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @property
     def key(self) -> str:
@@ -93,7 +96,8 @@ class FeatureSpec:
     def from_json(cls, text: str) -> "FeatureSpec":
         d = json.loads(text)
         return cls(d["backbone"], d["weights"], d["layer"], d["pool"], d["preprocess"],
-                   d.get("precision", "fp32"), d.get("storage", "float32"), d.get("format", FORMAT_VERSION))
+                   d.get("precision", "fp32"), d.get("storage", "float32"), d.get("format", FORMAT_VERSION),
+                   d.get("calibration", ""))
 
 
 def _short_weights(identity: str) -> str:

@@ -425,13 +425,14 @@ def check_names(backbones, layers=()) -> list[str]:
 
 
 def check_runtime(options: dict):
-    """Fail before the dataset is read when ``--runtime onnx`` cannot run
-    with the other options (a GPU, reduced precision)."""
-    if options.get("runtime") == "onnx":
+    """Fail before the dataset is read when ``--runtime onnx`` or ``--precision
+    int8`` cannot run with the other options (a GPU, reduced precision, torch)."""
+    if options.get("runtime") == "onnx" or options.get("precision") == "int8":
         from .extract import resolve_device, resolve_precision, resolve_runtime
         device = options.get("device") or "auto"
-        resolve_runtime("onnx", resolve_device(device), resolve_precision(options.get("precision") or "auto", device),
-                        0, options.get("compile_mode", "auto"))
+        resolve_runtime(options.get("runtime") or "auto", resolve_device(device),
+                        resolve_precision(options.get("precision") or "auto", device), 0,
+                        options.get("compile_mode", "auto"))
 
 
 def _extract_args(options: dict) -> dict:

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import FORMAT_VERSION, FeatureCache, FeatureSpec, write_part_file
+from .cache import FeatureCache, FeatureSpec, write_part_file
 from .data import Dataset, Sample
 from .errors import ConfigError, FeatxError, ImageError, WeightsError
 
@@ -348,47 +348,25 @@ def _failure_message(failed: list[tuple[ShardJob, BaseException]], n_shards: int
             "command again to compute only the missing images")
 
 
-def extract_dask(
-    dataset: Dataset | list[Sample],
-    backbone: str,
-    *,
-    weights: str | None = "auto",
-    layers: list[str] | None = None,
-    pool: str = "avg",
-    precision: str = "auto",
-    storage: str = "float32",
-    batch_size: int | None = None,
-    device: str | None = "auto",
-    cache: FeatureCache | str | os.PathLike = "cache",
-    scheduler=None,
-    shard_size: int = 256,
-    retries: int = 2,
-    seed: int = 0,
-    strict: bool = False,
-    progress: bool = True,
-    notify=None,
-    compile: str | bool = "auto",
-    workers: int | None = None,
-    n_workers: int | None = None,
-    resolved=None,
-    runtime: str = "auto",
-    feature_format: int | None = None,
-):
+def extract_dask(dataset: Dataset | list[Sample], specs=None, run=None, *,
+                 cache: FeatureCache | str | os.PathLike = "cache", scheduler=None, shard_size: int = 256,
+                 retries: int = 2, n_workers: int | None = None, notify=None, backbone: str | None = None,
+                 **options):
     """:func:`featx.extract.extract` on a Dask cluster: one task per shard of uncached images.
 
     Parameters
     ----------
-    dataset, backbone, weights, layers, pool, storage, batch_size, seed, strict, compile, runtime, feature_format
-        As for :func:`featx.extract.extract`; the cache entries are the same.
-        ``batch_size=None`` and ``"auto"`` for ``compile`` and ``runtime`` are
-        decided on each worker, for its own device and share of the images.
-    precision : str
-        Resolved on the driver (it is part of the cache key): with ``auto``
-        on a driver without a GPU for GPU workers, give it explicitly.
-    device : str
-        Resolved on each worker: ``auto`` uses the worker's GPU when it has one.
-    workers : int, optional
-        Decoding threads per task [default: 1 on CPU workers, up to 8 on GPU workers].
+    dataset, specs, run, backbone, options
+        As for :func:`featx.extract.extract` (:class:`~featx.extract.Specs`
+        and :class:`~featx.extract.RunOptions`, or a backbone name and their
+        keywords); the cache entries are the same. ``batch_size=None`` and
+        ``"auto"`` for ``compile`` and ``runtime`` are decided on each
+        worker, for its own device and share of the images; ``device`` too
+        (``auto`` uses the worker's GPU when it has one); ``workers`` is
+        decoding threads per task [default: 1 on CPU workers, up to 8 on GPU
+        workers]. ``precision`` is resolved on the driver (it is part of the
+        cache key): with ``auto`` on a driver without a GPU for GPU workers,
+        give it explicitly. int8 runs only in :func:`featx.extract.extract`.
     cache : folder
         Must be the same folder for the driver and every worker (shared storage).
     scheduler : None, address or distributed.Client
@@ -407,59 +385,75 @@ def extract_dask(
     -------
     featx.extract.ExtractReport
     """
-    from .backbones import load_backbone
-    from .extract import ExtractReport, feature_specs, planned, resolve_runtime
+    from .extract import ExtractReport, planned, specs_and_run
 
     t0 = time.perf_counter()
     _distributed()
+    specs, run = specs_and_run(specs, run, backbone, options, caller="extract_dask")
+    _check_run(specs, run, shard_size)
     notify = notify or (lambda msg: None)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     cache = FeatureCache(cache.root.resolve())   # workers do not share our working directory
     samples = dataset.samples if isinstance(dataset, Dataset) else list(dataset)
     manifest = dataset.manifest() if isinstance(dataset, Dataset) else None
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-    if shard_size < 1:
-        raise ConfigError(f"--shard-size {shard_size}: must be at least 1")
-    info, rw, specs = feature_specs(backbone, weights, layers, pool, precision, storage, seed, device, resolved,
-                                    feature_format or FORMAT_VERSION)
-    if resolved is not None:  # workers resolve the same file by its path
-        weights = str(resolved.path)
-    if rw.kind == "file":
-        load_backbone(info.name, resolved=rw, seed=seed)   # a file that does not fit fails here, once
-    if runtime != "auto":   # checked here once, not by every worker
-        import torch
-        where = torch.device("cuda" if (device or "").startswith("cuda") else "cpu")   # no GPU needed here
-        resolve_runtime(runtime, where, specs[0].precision, 0, compile)
-    keys = [s.key for s in specs]
-    with planned(cache, specs, samples, notify) as plan:
-        unique, todo, needed = plan.unique, plan.todo, tuple(plan.needed)
-        jobs, run = [], _ShardRun()
-        if todo:
-            with dask_client(scheduler, n_workers=n_workers, device=device, retries=retries,
+    with planned(cache, specs.specs, samples, notify) as plan:
+        jobs, ran = [], _ShardRun()
+        if plan.todo:
+            with dask_client(scheduler, n_workers=n_workers, device=run.device, retries=retries,
                              notify=notify) as client:
                 n = _wait_for_workers(client)
-                # a few images still go to every worker
-                size = min(shard_size, math.ceil(len(todo) / n))
-                jobs = [ShardJob(i, tuple(s.id for s in shard), tuple(str(s.path) for s in shard), needed,
-                                 info.name, _worker_weights(rw), seed, str(cache.root), batch_size,
-                                 device or "auto", strict, compile, len(todo) // n, workers, runtime)
-                        for i, shard in enumerate(make_shards(todo, size))]
-                run = _run_jobs(client, jobs, retries, progress, n)
-        unseen = [p for job in run.written for spec in needed
-                  if not (p := shard_path(cache, spec.key, job.name)).exists()]
-        if unseen:
-            raise FeatxError(
-                f"{len(unseen)} finished shard files are not visible here (first: {unseen[0]}): the cache "
-                "folder must be shared storage mounted at the same path on the driver and every worker")
-        if run.failed:
-            for spec in needed:
-                cache.consolidate(spec.key, spec, notify=notify)
-            raise FeatxError(_failure_message(run.failed, len(jobs), retries))
-        for spec in specs:
-            cache.consolidate(spec.key, spec, manifest=manifest, notify=notify)
-    return ExtractReport(list(specs), keys, len(unique), len(unique) - len(todo), run.extracted, plan.resumed,
-                         run.skipped, time.perf_counter() - t0, run.where, str(cache.root), run.runtime)
+                jobs = _shard_jobs(plan.todo, tuple(plan.needed), specs, run, cache, n, shard_size)
+                ran = _run_jobs(client, jobs, retries, run.progress, n)
+        _commit(cache, specs.specs, plan.needed, jobs, ran, retries, manifest, notify)
+    return ExtractReport(list(specs.specs), [s.key for s in specs.specs], len(plan.unique),
+                         len(plan.unique) - len(plan.todo), ran.extracted, plan.resumed, ran.skipped,
+                         time.perf_counter() - t0, ran.where, str(cache.root), ran.runtime)
+
+
+def _check_run(specs, run, shard_size: int) -> None:
+    """What the driver checks once, not every worker: the options, and a
+    weights file that does not fit the network."""
+    from .backbones import load_backbone
+    from .extract import resolve_runtime
+    if run.batch_size is not None and run.batch_size < 1:
+        raise ConfigError(f"--batch-size {run.batch_size}: must be at least 1")
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size {shard_size}: must be at least 1")
+    if specs.specs[0].precision == "int8":
+        raise ConfigError("--precision int8 is not run by Dask workers: extract without --engine dask "
+                          "(int8 runs on this machine's CPU), or use --precision fp32")
+    if specs.weights.kind == "file":
+        load_backbone(specs.info.name, resolved=specs.weights, seed=specs.seed)   # fails here, once
+    if run.runtime != "auto":
+        import torch
+        where = torch.device("cuda" if (run.device or "").startswith("cuda") else "cpu")   # no GPU needed here
+        resolve_runtime(run.runtime, where, specs.specs[0].precision, 0, run.compile)
+
+
+def _shard_jobs(todo, needed, specs, run, cache: FeatureCache, n_workers: int, shard_size: int) -> list:
+    """The tasks: shards of ``todo``, a few images still to every worker."""
+    size = min(shard_size, math.ceil(len(todo) / n_workers))
+    return [ShardJob(i, tuple(s.id for s in shard), tuple(str(s.path) for s in shard), needed, specs.info.name,
+                     _worker_weights(specs.weights), specs.seed, str(cache.root), run.batch_size,
+                     run.device or "auto", run.strict, run.compile, len(todo) // n_workers, run.workers, run.runtime)
+            for i, shard in enumerate(make_shards(todo, size))]
+
+
+def _commit(cache: FeatureCache, specs, needed, jobs, ran, retries: int, manifest, notify) -> None:
+    """Merge what the shards wrote; a shard file the driver cannot see (the
+    cache is not shared) or a shard that failed every try ends the run."""
+    unseen = [p for job in ran.written for spec in needed
+              if not (p := shard_path(cache, spec.key, job.name)).exists()]
+    if unseen:
+        raise FeatxError(
+            f"{len(unseen)} finished shard files are not visible here (first: {unseen[0]}): the cache "
+            "folder must be shared storage mounted at the same path on the driver and every worker")
+    if ran.failed:
+        for spec in needed:
+            cache.consolidate(spec.key, spec, notify=notify)
+        raise FeatxError(_failure_message(ran.failed, len(jobs), retries))
+    for spec in specs:
+        cache.consolidate(spec.key, spec, manifest=manifest, notify=notify)
 
 
 @dataclass

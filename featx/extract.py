@@ -11,115 +11,35 @@ a part file, so a killed run loses at most the batch in flight.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import os
 import queue
-import sys
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from .backbones import LoadedBackbone, Preprocess, ResolvedWeights, get_backbone, load_backbone, resolve_weights
+from .backbones import (BackboneInfo, LoadedBackbone, Preprocess, ResolvedWeights, get_backbone, load_backbone,
+                        resolve_weights)
 from .cache import (COMMIT_EVERY_ROWS, FORMAT_VERSION, CacheWriteError, DiskFullError, FeatureCache, FeatureSpec,
                     disk_full_error, write_part_file)
-from .data import Dataset, Sample, load_image
-from .errors import BackboneError, ConfigError, ImageError
+from .data import Dataset, Sample
+from .errors import BackboneError, ConfigError
+from .options import POOLS, PRECISIONS, STORAGES
+from .quantize import ModelStore, QuantizationError
+# preprocess_image, ImageFiles, collate, sort_out_bad and default_workers are imported from here too
+from .inference import ImageBatches, ImageFiles, autocast, collate, default_workers, sort_out_bad  # noqa: F401
+from .preprocess import Normalize, preprocess_image  # noqa: F401
 
-POOLS = ("avg", "max", "avgmax", "none", "cls")
 # cache formats extraction can still make: 2 resized with PIL (bundles
 # trained before format 3 keep predicting), 3 with torchvision's uint8 resize
 COMPUTABLE_FORMATS = (2, 3)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STORAGES = ("float32", "float16")
-_TV_INTERP = ("bilinear", "bicubic")   # resized as uint8 tensors by torchvision
-_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
-           "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
-
-
-# --------------------------------------------------------------------------
-# preprocessing (PIL, in worker processes)
-
-
-def preprocess_image(im: Image.Image, pre: Preprocess, pil_resize: bool = False) -> torch.Tensor:
-    """Resize the short side to ``pre.resize``, center-crop ``pre.crop``:
-    a uint8 (3, crop, crop) tensor; normalisation happens on the model side.
-
-    The sizes, rounding and crop offsets are torchvision's
-    ``weights.transforms()``. Bilinear and bicubic resizing run on the uint8
-    tensor with torchvision's antialiased kernels, within one grey level of
-    PIL's resize and about 3x faster (PIL's was 60% of the decode time);
-    other filters, and ``pil_resize=True`` (features of cache format 2),
-    use PIL."""
-    if pre.interpolation not in _TV_INTERP or pil_resize:
-        return torch.from_numpy(_preprocess_pil(im, pre)).permute(2, 0, 1)
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
-    mode = InterpolationMode(pre.interpolation)
-    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
-    if min(x.shape[1:]) != pre.resize:
-        x = F.resize(x, pre.resize, interpolation=mode, antialias=True)
-    c = pre.crop
-    h, w = x.shape[1:]
-    if h < c or w < c:  # torchvision pads; with resize >= crop this never happens
-        x = F.resize(x, [max(h, c), max(w, c)], interpolation=mode, antialias=True)
-        h, w = x.shape[1:]
-    top, left = _center_offsets(h, w, c)
-    return x[:, top:top + c, left:left + c].contiguous()
-
-
-def _center_offsets(h: int, w: int, c: int) -> tuple[int, int]:
-    """Top and left of a centered c x c crop, rounded as torchvision rounds."""
-    return int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
-
-
-def _preprocess_pil(im: Image.Image, pre: Preprocess) -> np.ndarray:
-    """:func:`preprocess_image` with PIL's resize: uint8 HWC."""
-    w, h = im.size
-    short, long = (w, h) if w <= h else (h, w)
-    if short != pre.resize:
-        new_short, new_long = pre.resize, int(pre.resize * long / short)
-        size = (new_short, new_long) if w <= h else (new_long, new_short)
-        im = im.resize(size, _INTERP.get(pre.interpolation, Image.BILINEAR))
-    w, h = im.size
-    c = pre.crop
-    if w < c or h < c:
-        im = im.resize((max(w, c), max(h, c)), _INTERP.get(pre.interpolation, Image.BILINEAR))
-        w, h = im.size
-    top, left = _center_offsets(h, w, c)
-    im = im.crop((left, top, left + c, top + c))
-    return np.array(im, dtype=np.uint8)  # a writable copy, as torch wants
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Decodes images for the model; a bad file becomes a flagged empty item."""
-
-    def __init__(self, paths: list[Path], pre: Preprocess, draft: bool = True, feature_format: int = FORMAT_VERSION):
-        self.paths = [str(p) for p in paths]
-        self.pre = pre
-        self.draft = draft
-        self.pil_resize = feature_format < 3   # how format-2 entries (and bundles) were made
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            im = load_image(self.paths[i], draft_size=self.pre.resize if self.draft else None)
-            return preprocess_image(im, self.pre, self.pil_resize), i, ""
-        except ImageError as e:
-            return torch.zeros((3, self.pre.crop, self.pre.crop), dtype=torch.uint8), i, e.reason
-
-
-def collate(items):
-    tensors, idx, errors = zip(*items)
-    return torch.stack(tensors), torch.tensor(idx), list(errors)
 
 
 # --------------------------------------------------------------------------
@@ -192,15 +112,10 @@ class FeatureNet(nn.Module):
         self.pool = pool
         self.body, self.node_of = _feature_body(fuse_conv_bn(model) if fuse else model, self.layers, backbone)
         self.layout_of = {name: activation_layout(backbone, self.node_of[name]) for name in self.layers}
-        std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1)
-        mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        # (x/255 - mean)/std as one multiply-add
-        self.register_buffer("scale", 1.0 / (255.0 * std))
-        self.register_buffer("shift", -mean / std)
+        self.normalize = Normalize(pre)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = x.float() * self.scale + self.shift
-        outs = self.body(x)
+        outs = self.body(self.normalize(x))
         return [self.pool_one(name, outs[self.node_of[name]], self.pool).float() for name in self.layers]
 
     def pool_one(self, name: str, t: torch.Tensor, pool: str) -> torch.Tensor:
@@ -372,7 +287,7 @@ def layer_table(backbone: str, all_nodes: bool = False) -> list[dict]:
     net = FeatureNet(model, names, "none", rw.preprocess, backbone=info.name)
     x = torch.zeros((1, 3, rw.preprocess.crop, rw.preprocess.crop), dtype=torch.uint8)
     with torch.inference_mode():
-        outs = net.body(x.float() * net.scale + net.shift)
+        outs = net.body(net.normalize(x))
     rows = []
     for n in names:
         out = outs[net.node_of[n]]
@@ -447,18 +362,24 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
     return "fp32"
 
 
+def _check_computable(feature_format: int) -> None:
+    if feature_format not in COMPUTABLE_FORMATS:
+        raise ConfigError(f"features of cache format {feature_format} can no longer be computed "
+                          f"(this featx makes formats {', '.join(map(str, COMPUTABLE_FORMATS))}); train the model again")
+
+
 def feature_specs(backbone: str, weights: str | None = "auto", layers: list[str] | None = None,
                   pool: str = "avg", precision: str = "auto", storage: str = "float32", seed: int = 0,
                   device: str | None = "auto", resolved: ResolvedWeights | None = None,
-                  feature_format: int = FORMAT_VERSION):
+                  feature_format: int = FORMAT_VERSION, calibration: str = ""):
     """The cache specs an extraction would fill, without loading anything heavy.
 
     ``resolved`` overrides ``weights`` (e.g. a fine-tuned bundle's network);
     ``feature_format`` makes features the way an older featx did, for the
-    bundles it trained (see :data:`COMPUTABLE_FORMATS`)."""
-    if feature_format not in COMPUTABLE_FORMATS:
-        raise ConfigError(f"features of cache format {feature_format} can no longer be computed "
-                          f"(this featx makes formats {', '.join(map(str, COMPUTABLE_FORMATS))}); train the model again")
+    bundles it trained (see :data:`COMPUTABLE_FORMATS`); ``calibration`` is
+    an int8 extraction's calibration id (:func:`featx.quantize.calibration_for`;
+    empty, the specs only check the options)."""
+    _check_computable(feature_format)
     if pool not in POOLS:
         raise ConfigError(f"--pool {pool}: use one of {', '.join(POOLS)}")
     precision = resolve_precision(precision, device)
@@ -471,8 +392,52 @@ def feature_specs(backbone: str, weights: str | None = "auto", layers: list[str]
     rw = resolved or resolve_weights(info, weights, seed=seed)
     layers = list(dict.fromkeys(layers or [info.default_layer]))
     specs = [FeatureSpec(info.name, rw.identity, layer, pool, rw.preprocess.as_dict(), precision, storage,
-                         feature_format) for layer in layers]
-    return info, rw, specs
+                         feature_format, calibration if precision == "int8" else "") for layer in layers]
+    return Specs(info, rw, specs, seed)
+
+
+@dataclass(frozen=True)
+class Specs:
+    """What :func:`feature_specs` resolved, once: the backbone, its weights
+    and the cache spec of each layer (unpacks as ``info, weights, specs``).
+    :func:`extract` takes it as it is, so one command resolves weights once."""
+
+    info: BackboneInfo
+    weights: ResolvedWeights
+    specs: list[FeatureSpec]
+    seed: int = 0
+
+    def __iter__(self):   # info, rw, specs = feature_specs(...), as when it returned a tuple
+        return iter((self.info, self.weights, self.specs))
+
+    def __getitem__(self, i):
+        return (self.info, self.weights, self.specs)[i]
+
+    def with_specs(self, specs: list[FeatureSpec]) -> "Specs":
+        return dataclasses.replace(self, specs=list(specs))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How an extraction runs, as opposed to what it computes (:class:`Specs`):
+    nothing here is in a cache key. :func:`resolve_runtime` checks device,
+    precision, runtime and compile together."""
+
+    device: str | None = "auto"
+    runtime: str = "auto"
+    compile: str | bool = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    strict: bool = False
+    progress: bool = True
+
+    def check(self, precision: str) -> torch.device:
+        """The device; bad or clashing options raise before any work."""
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        dev = resolve_device(self.device)
+        resolve_runtime(self.runtime, dev, precision, 0, self.compile)
+        return dev
 
 
 @dataclass
@@ -491,9 +456,11 @@ class ExtractReport:
 
     @property
     def where(self) -> str:
-        """``cpu``, ``cuda:0``, ``cpu, onnxruntime`` (a Dask run names each worker's): for messages."""
+        """``cpu``, ``cuda:0``, ``cpu, onnxruntime``, ``cpu, onnxruntime int8`` (a Dask
+        run names each worker's): for messages."""
         if self.runtime == "onnx" and not self.device.startswith("dask"):
-            return f"{self.device}, onnxruntime"
+            int8 = " int8" if self.specs and self.specs[0].precision == "int8" else ""
+            return f"{self.device}, onnxruntime{int8}"
         return self.device
 
     @property
@@ -553,97 +520,113 @@ def planned(cache: FeatureCache, specs: list[FeatureSpec], samples: list[Sample]
         yield Plan(unique, todo, needed, resumed)
 
 
-def sort_out_bad(errors: list[str], path_of, strict: bool) -> tuple[list[int], list[tuple[str, str]]]:
-    """Positions in a decoded batch to keep, and ``(path, reason)`` of the
-    images that failed to decode; with ``strict`` the first one raises
-    :class:`~featx.errors.ImageError`."""
-    keep, bad = [], []
-    for i, reason in enumerate(errors):
-        if not reason:
-            keep.append(i)
-        elif strict:
-            raise ImageError(path_of(i), reason + " (--strict stops at the first bad image)")
-        else:
-            bad.append((path_of(i), reason))
-    return keep, bad
+_SPEC_OPTIONS = ("weights", "layers", "pool", "precision", "storage", "seed", "resolved", "feature_format")
+_RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(RunOptions))
 
 
-def default_workers(n_images: int) -> int:
-    """Decode processes: none for a handful of images (starting workers
-    costs more), else one per core but one, at least 2, at most 8."""
-    if n_images < 64:
-        return 0
-    cpus = os.cpu_count() or 1
-    return min(8, max(2, cpus - 1))
+def extract(dataset: Dataset | list[Sample], specs: Specs | str | None = None, run: RunOptions | None = None, *,
+            cache: FeatureCache | str | os.PathLike = "cache", notify=None, loaded: LoadedBackbone | None = None,
+            calibration=None, backbone: str | None = None, **options) -> ExtractReport:
+    """Extract ``specs`` (from :func:`feature_specs`) for every image not yet cached.
 
-
-def extract(
-    dataset: Dataset | list[Sample],
-    backbone: str,
-    *,
-    weights: str | None = "auto",
-    layers: list[str] | None = None,
-    pool: str = "avg",
-    precision: str = "auto",
-    storage: str = "float32",
-    batch_size: int | None = None,
-    device: str | None = "auto",
-    cache: FeatureCache | str | os.PathLike = "cache",
-    workers: int | None = None,
-    strict: bool = False,
-    progress: bool = True,
-    seed: int = 0,
-    notify=None,
-    loaded: LoadedBackbone | None = None,
-    compile: str | bool = "auto",
-    resolved: ResolvedWeights | None = None,
-    runtime: str = "auto",
-    feature_format: int = FORMAT_VERSION,
-) -> ExtractReport:
-    """Extract ``layers`` of ``backbone`` for every image not yet cached.
+    ``run`` says how (:class:`RunOptions`). For short calls ``specs`` may be
+    a backbone name (or ``backbone=``), with :func:`feature_specs`' and
+    :class:`RunOptions`' keywords (``extract(ds, "resnet50", weights="none", device="cpu")``).
+    int8 specs are calibrated on ``dataset``'s images (:mod:`featx.quantize`)
+    unless ``calibration`` is given; when quantization fails, the images are
+    extracted in fp32, into fp32 entries, and ``notify`` says so.
 
     Returns an :class:`ExtractReport`; a second identical call extracts
     nothing. Bad images are skipped and listed in ``report.skipped`` (or
     raise :class:`~featx.errors.ImageError` with ``strict=True``).
     """
-    t0 = time.perf_counter()
+    specs, run = specs_and_run(specs, run, backbone, options)
     notify = notify or (lambda msg: None)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     samples = dataset.samples if isinstance(dataset, Dataset) else list(dataset)
+    specs, calibration = _calibrated(specs, samples, calibration, cache)
+    try:
+        return _extract(dataset, samples, specs, run, cache, notify, loaded, calibration)
+    except QuantizationError as e:
+        if calibration.samples == [] and calibration.ranges is None:
+            raise   # a bundle's int8 features, whose model is not here: fp32 would not be them
+        fp32 = specs.with_specs([dataclasses.replace(p, precision="fp32", calibration="") for p in specs.specs])
+        notify(f"{e}; extracting in fp32 instead (entries {', '.join(p.key for p in fp32.specs)})")
+        return _extract(dataset, samples, fp32, run, cache, notify, loaded, None)
+
+
+def specs_and_run(specs: Specs | str | None, run: RunOptions | None, backbone: str | None = None,
+                  options: dict | None = None, caller: str = "extract") -> tuple[Specs, RunOptions]:
+    """The arguments :func:`extract` (and :func:`featx.distributed.extract_dask`)
+    take, as :class:`Specs` and :class:`RunOptions`: ready ones are checked,
+    a backbone name with keywords is resolved here, once."""
+    options = {k: v for k, v in (options or {}).items() if not (k == "feature_format" and v is None)}
+    unknown = set(options) - set(_SPEC_OPTIONS) - set(_RUN_OPTIONS)
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword arguments {', '.join(sorted(unknown))}")
+    specs = backbone if specs is None else specs
+    if specs is None:
+        raise TypeError(f"{caller}() needs specs (from feature_specs) or a backbone name")
+    if run is None:
+        run = RunOptions(**{k: v for k, v in options.items() if k in _RUN_OPTIONS})
+    if isinstance(specs, str):
+        return feature_specs(specs, device=run.device, **{k: v for k, v in options.items() if k in _SPEC_OPTIONS}), run
+    if any(k in _SPEC_OPTIONS for k in options):
+        raise TypeError(f"{caller}(): give spec options to feature_specs(), not with ready Specs")
+    for spec in specs.specs:   # ready specs (a bundle's): what feature_specs would have checked
+        _check_computable(spec.format)
+        if spec.weights != specs.weights.identity:
+            raise ConfigError(f"{spec.key}: made with weights {spec.weights}, not {specs.weights.identity}")
+    return specs, run
+
+
+def _calibrated(specs: Specs, samples: list[Sample], calibration, cache: FeatureCache):
+    """int8 specs with their calibration's id, and that calibration (None for
+    other precisions): the one given, else the dataset's own (see
+    :func:`featx.quantize.calibration_for`)."""
+    from .quantize import Calibration, calibration_for
+    if specs.specs[0].precision != "int8":
+        return specs, None
+    given = specs.specs[0].calibration
+    if calibration is None:
+        calibration = calibration_for(samples, specs.seed, ModelStore(cache.root),
+                                      f"{specs.info.name}:{specs.weights.identity}")
+        if given and given != calibration.id:   # made on other images: only the store can have it
+            calibration = Calibration(given)
+    return specs.with_specs([dataclasses.replace(p, calibration=calibration.id) for p in specs.specs]), calibration
+
+
+def _extract(dataset, samples: list[Sample], specs: Specs, run: RunOptions, cache: FeatureCache, notify,
+             loaded, calibration) -> ExtractReport:
+    t0 = time.perf_counter()
+    info, rw, wanted = specs
     manifest = dataset.manifest() if isinstance(dataset, Dataset) else None
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-    info, rw, specs = feature_specs(backbone, weights, layers, pool, precision, storage, seed, device, resolved,
-                                    feature_format)
-    precision = specs[0].precision
+    precision = wanted[0].precision
     if loaded is None and rw.kind == "file":
         # a weights file that does not fit fails before any image is read
-        loaded = load_backbone(info.name, resolved=rw, seed=seed)
-    dev = resolve_device(device)
-    resolve_runtime(runtime, dev, precision, 0, compile)   # a bad --runtime fails before any work
+        loaded = load_backbone(info.name, resolved=rw, seed=specs.seed)
+    dev = run.check(precision)
     if dev.type == "cpu" and (precision == "fp16" or (precision == "bf16" and not cpu_has_native_bf16())):
         notify(f"--precision {precision}: this CPU computes {precision} in software, many times slower than fp32 "
                "(measured: about 25x on an AVX2 CPU); --precision auto picks what runs fast here")
     extracted, skipped, used = 0, [], "torch"
-    with planned(cache, specs, samples, notify) as plan:
+    with planned(cache, wanted, samples, notify) as plan:
         if plan.todo:
-            lb = loaded or load_backbone(info.name, resolved=rw, seed=seed)
+            lb = loaded or load_backbone(info.name, resolved=rw, seed=specs.seed)
             try:
-                extracted, skipped, used = _run(lb, plan.needed, plan.todo, cache, batch_size=batch_size,
-                                                device=dev, precision=precision, workers=workers, strict=strict,
-                                                progress=progress, notify=notify, compile=compile,
-                                                runtime=runtime)
+                extracted, skipped, used = _run(lb, plan.needed, plan.todo, cache, run, device=dev,
+                                                precision=precision, notify=notify, calibration=calibration)
             except DiskFullError:
                 raise disk_full_error(cache.root, _space_needed(cache, plan),
                                       " (finished batches are kept)") from None
-        for spec in specs:
+        for spec in wanted:
             try:
                 cache.consolidate(spec.key, spec, manifest=manifest, notify=notify)
             except CacheWriteError as e:
                 if plan.todo:
                     raise
                 notify(f"{spec.key} left as it was: {e}; every feature asked for is there, going on")
-    return ExtractReport(specs, [s.key for s in specs], len(plan.unique), len(plan.unique) - len(plan.todo),
+    return ExtractReport(wanted, [s.key for s in wanted], len(plan.unique), len(plan.unique) - len(plan.todo),
                          extracted, plan.resumed, skipped, time.perf_counter() - t0, str(dev), str(cache.root), used)
 
 
@@ -658,13 +641,6 @@ def _space_needed(cache: FeatureCache, plan: Plan) -> int:
         per_row = parts / info.pending_rows if info.pending_rows else (entry / info.n if info.n else 4096)
         need += max(0, len(plan.todo) * per_row - parts) + len(plan.todo) * per_row
     return int(need) + (1 << 20)
-
-
-def _autocast(dev: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=dev.type, dtype=dtype)
 
 
 class _PartWriter:
@@ -722,7 +698,7 @@ def auto_batch_size(net: nn.Module, crop: int, device: torch.device, precision: 
     while size > 1:
         try:
             x = torch.zeros((size, 3, crop, crop), dtype=torch.uint8, device=device)
-            with torch.inference_mode(), _autocast(device, precision):
+            with torch.inference_mode(), autocast(device, precision):
                 net(x.contiguous(memory_format=torch.channels_last))
             torch.cuda.synchronize(device)
             return size
@@ -755,7 +731,7 @@ class Forward:
     def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
         n = images.shape[0]
         x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), _autocast(self.device, self.precision):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             if self.compiled is not None:
                 if self.batch_size is None:
                     self.batch_size = n
@@ -819,6 +795,8 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str, n_images
     if compile_on and runtime == "onnx":
         raise RunOptionsError("compile", f"{n['compile']} on is torch.compile: use it with {n['runtime']} torch "
                                          "(or auto)")
+    if precision == "int8":
+        return _int8_runtime(runtime, device, compile_on, n)
     if runtime == "torch" or compile_on:
         return "torch"
     if runtime == "onnx":
@@ -837,89 +815,156 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str, n_images
     return "torch"
 
 
+def _int8_runtime(runtime: str, device: torch.device, compile_on: bool, n: dict) -> str:
+    """int8 is ONNX Runtime's, on the CPU, whatever the number of images."""
+    if runtime == "torch" or compile_on:
+        what = f"{n['runtime']} torch" if runtime == "torch" else f"{n['compile']} on"
+        raise RunOptionsError("runtime" if runtime == "torch" else "compile",
+                              f"{n['precision']} int8 runs on ONNX Runtime, not with {what}; use "
+                              f"{n['runtime']} auto, or {n['precision']} fp32")
+    if device.type != "cpu":
+        raise RunOptionsError("device", f"{n['precision']} int8 runs on the CPU (ONNX Runtime); use {n['device']} cpu")
+    if not onnxruntime_available():
+        raise RunOptionsError("precision", f"{n['precision']} int8 needs ONNX Runtime: pip install onnxruntime onnx "
+                                           f"(or use {n['precision']} fp32)")
+    return "onnx"
+
+
 class OnnxForward:
     """The same network as :class:`Forward` (folded BN included), exported to
-    ONNX in memory and run by ONNX Runtime on the CPU, in fp32.
+    ONNX and run by ONNX Runtime on the CPU: in fp32, or in int8 when a
+    :class:`~featx.quantize.Calibration` is given (see :mod:`featx.quantize`).
 
-    Its outputs are checked against torch's on three images before any real
-    one is seen: an export that does not reproduce the network raises
-    :class:`~featx.errors.BackboneError` instead of filling the cache."""
+    A new export is checked against torch on three images before any real
+    one is seen (an export that does not reproduce the network raises
+    :class:`~featx.errors.BackboneError` instead of filling the cache), then
+    kept in ``store`` (:class:`~featx.quantize.ModelStore`), as the int8
+    model and its ranges are: the next run loads them and starts at once."""
 
     runtime = "onnx"
 
-    def __init__(self, lb: LoadedBackbone, layers: list[str], pool: str, threads: int | None = None):
-        import inspect
-        import io
+    def __init__(self, lb: LoadedBackbone, layers: list[str], pool: str, threads: int | None = None, *,
+                 store=None, feature_format: int = FORMAT_VERSION, calibration=None):
+        from . import quantize as q
         try:
             import onnxruntime as ort
         except (ImportError, OSError) as e:   # installed but broken (a missing shared library, say)
             raise BackboneError(f"onnxruntime does not load ({e}); use --runtime torch") from e
-        self.net = FeatureNet(lb.model, layers, pool, lb.preprocess, fuse=True, backbone=lb.info.name).eval()
-        crop = lb.preprocess.crop
-        example = torch.zeros((2, 3, crop, crop), dtype=torch.uint8)
-        buf = io.BytesIO()
-        # torch >= 2.5 defaults to (or offers) the dynamo exporter: 7x slower to export here, same model
-        legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-        try:
-            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(self.net, (example,), buf, input_names=["images"],
-                                  output_names=[f"out{i}" for i in range(len(layers))],
-                                  dynamic_axes={"images": {0: "n"}}, opset_version=17, **legacy)
-        except Exception as e:  # noqa: BLE001 - any export failure is reported the same way
-            raise BackboneError(f"{lb.info.name}: ONNX export failed ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:160]}); use --runtime torch") from e
+        self._ort, self.threads, self.name = ort, threads or torch.get_num_threads(), lb.info.name
+        self.layers, self.crop = list(layers), lb.preprocess.crop
+        net_id = q.network_id(lb, layers, pool, feature_format)
+        fp32 = store.get(net_id, ".onnx") if store is not None else None
+        if fp32 is None:
+            net = FeatureNet(lb.model, layers, pool, lb.preprocess, fuse=True, backbone=lb.info.name).eval()
+            fp32 = q.export_onnx(net, self.crop, len(layers), lb.info.name)
+            self.session = self._session(fp32, "the exported network")
+            self._check(net)   # 3 images: a batch size baked in by the trace fails
+            if store is not None:
+                store.put(net_id, ".onnx", fp32)
+        else:
+            self.session = self._session(fp32, "the exported network")
+        self.precision, self.relative_error = "fp32", 0.0
+        if calibration is not None:
+            self._quantize(lb, fp32, calibration, store, net_id, feature_format)
+
+    def _session(self, model: bytes, what: str):
+        ort = self._ort
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
         # idle threads sleep instead of spinning, leaving the cores to the decode workers
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-            self._check(lb.info.name, example.shape[1:])   # 3 images: a batch size baked in by the trace fails
-        except BackboneError:
-            raise
+            return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - an operator ONNX Runtime lacks, say
-            raise BackboneError(f"{lb.info.name}: ONNX Runtime cannot run the exported network "
+            raise BackboneError(f"{self.name}: ONNX Runtime cannot run {what} "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); use --runtime torch") from e
-        self.net = None   # only ONNX Runtime's copy of the weights is needed from here on
 
-    def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
-        outs = self.session.run(None, {"images": images.contiguous().numpy()})
-        return [np.asarray(o, dtype=np.float32) for o in outs]
+    def _quantize(self, lb: LoadedBackbone, fp32: bytes, calibration, store, net_id: str, feature_format: int):
+        """Swap the fp32 session for the int8 one: from the store, or quantized
+        now (ranges measured on the calibration images, or the given ones)."""
+        from . import quantize as q
+        model_key, ranges_key = f".{calibration.id}.int8.onnx", f".{calibration.id}.ranges.json"
+        int8 = store.get(net_id, model_key) if store is not None else None
+        if int8 is None:
+            images = _decode_all([s.path for s in calibration.samples], lb.preprocess, feature_format)
+            if calibration.ranges is None and not len(images):
+                raise q.QuantizationError(f"{self.name}: no readable calibration image")
+            int8, ranges = q.quantize(fp32, None if calibration.ranges is not None else images,
+                                      calibration.ranges, self.name)
+            session = self._session(int8, "the int8 network")
+            if len(images):   # how far int8 strays from fp32, on real images
+                self.relative_error = q.relative_error(self(images[:32]), self._outputs(session, images[:32]))
+                if not self.relative_error <= q.MAX_RELATIVE_ERROR:
+                    raise q.QuantizationError(f"{self.name}: int8 features differ from fp32 ones by "
+                                              f"{self.relative_error:.2f} (relative) on calibration images")
+            if store is not None:
+                store.put(net_id, ranges_key, json.dumps(ranges).encode())
+                store.put(net_id, model_key, int8)
+        else:
+            session = self._session(int8, "the int8 network")
+        self.session, self.precision = session, "int8"
 
-    def _check(self, name: str, shape):
-        images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, *shape), dtype=np.uint8))
+    @staticmethod
+    def _outputs(session, images: np.ndarray) -> list[np.ndarray]:
+        return [np.asarray(o, dtype=np.float32) for o in session.run(None, {"images": images})]
+
+    def __call__(self, images) -> list[np.ndarray]:
+        x = images.contiguous().numpy() if isinstance(images, torch.Tensor) else np.ascontiguousarray(images)
+        return self._outputs(self.session, x)
+
+    def _check(self, net: FeatureNet):
+        shape = (3, 3, self.crop, self.crop)
+        images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
         with torch.inference_mode():
-            want = [t.numpy() for t in self.net(images)]
-        got = self(images)
-        for layer, w, g in zip(self.net.layers, want, got):
+            want = [t.numpy() for t in net(images)]
+        try:
+            got = self(images)
+        except Exception as e:  # noqa: BLE001 - an operator ONNX Runtime lacks, say
+            raise BackboneError(f"{self.name}: ONNX Runtime cannot run the exported network "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); use --runtime torch") from e
+        for layer, w, g in zip(net.layers, want, got):
             if g.shape != w.shape:
-                raise BackboneError(f"{name}: ONNX Runtime's output of layer {layer} has shape {g.shape}, "
+                raise BackboneError(f"{self.name}: ONNX Runtime's output of layer {layer} has shape {g.shape}, "
                                     f"torch's {w.shape}; use --runtime torch")
             scale = float(np.abs(w).max()) or 1.0
             err = float(np.abs(w - g).max()) / scale
             if not err <= 1e-3:  # fp32 against fp32 is ~1e-6; this also catches NaN
-                raise BackboneError(f"{name}: ONNX Runtime's output of layer {layer} differs from torch's "
+                raise BackboneError(f"{self.name}: ONNX Runtime's output of layer {layer} differs from torch's "
                                     f"(relative error {err:.1e}); use --runtime torch")
 
 
+def _decode_all(paths, pre: Preprocess, feature_format: int) -> np.ndarray:
+    """``paths`` decoded and preprocessed as extraction does, as one uint8
+    NCHW array (unreadable images left out)."""
+    files = ImageFiles(list(paths), pre, feature_format=feature_format)
+    items = [files[i] for i in range(len(files))]
+    kept = [x for x, _, err in items if not err]
+    if not kept:
+        return np.zeros((0, 3, pre.crop, pre.crop), dtype=np.uint8)
+    return torch.stack(kept).numpy()
+
+
 def make_forward(lb: LoadedBackbone, layers: list[str], pool: str, device: torch.device, precision: str, *,
-                 n_images: int, compile: str | bool = "auto", runtime: str = "auto", notify=None):
+                 n_images: int, compile: str | bool = "auto", runtime: str = "auto", notify=None,
+                 store: ModelStore | None = None, feature_format: int = FORMAT_VERSION, calibration=None):
     """The forward pass extraction runs: :class:`OnnxForward` or :class:`Forward`.
 
     ``compile="on"`` asks for torch.compile, hence torch. With
     ``runtime="auto"`` an ONNX export that fails (or does not reproduce the
-    network) is reported through ``notify`` and torch runs instead."""
+    network) is reported through ``notify`` and torch runs instead; int8
+    (``calibration``) runs only on ONNX Runtime, and its failures raise
+    :class:`~featx.quantize.QuantizationError`."""
     notify = notify or (lambda msg: None)
     chosen = resolve_runtime(runtime, device, precision, n_images, compile)
     if chosen == "onnx":
         try:
-            return OnnxForward(lb, layers, pool)
+            return OnnxForward(lb, layers, pool, store=store, feature_format=feature_format,
+                               calibration=calibration if precision == "int8" else None)
         except BackboneError as e:
-            if runtime == "onnx":
+            if runtime == "onnx" or precision == "int8":
                 raise
             notify(f"{str(e).removesuffix('; use --runtime torch')}; running with torch instead")
     return Forward(lb, layers, pool, device, precision,
@@ -941,55 +986,36 @@ def should_compile(compile: str | bool, n_images: int, device: torch.device) -> 
     return n_images >= (5000 if device.type == "cpu" else 20000)
 
 
-def _run(lb: LoadedBackbone, specs, todo: list[Sample], cache: FeatureCache, *, batch_size, device,
-         precision, workers, strict, progress, notify, compile="auto", runtime="auto"):
-    from tqdm.auto import tqdm
-
+def _run(lb: LoadedBackbone, specs, todo: list[Sample], cache: FeatureCache, run: RunOptions, *, device,
+         precision, notify, calibration=None):
     def build_forward():
-        return make_forward(lb, [s.layer for s in specs], specs[0].pool, device, precision,
-                            n_images=len(todo), compile=compile, runtime=runtime, notify=notify)
+        return make_forward(lb, [s.layer for s in specs], specs[0].pool, device, precision, n_images=len(todo),
+                            compile=run.compile, runtime=run.runtime, notify=notify, store=ModelStore(cache.root),
+                            feature_format=specs[0].format, calibration=calibration)
 
-    workers = default_workers(len(todo)) if workers is None else workers
-    forward = None
+    forward, batch_size = None, run.batch_size
     if batch_size is None:
         if device.type == "cuda":   # the batch size is measured on the network itself
             forward = build_forward()
         batch_size = auto_batch_size(forward and forward.net, lb.preprocess.crop, device, precision)
-    with warnings.catch_warnings():   # more workers than cores is the caller's explicit choice
-        warnings.filterwarnings("ignore", message="This DataLoader will create")
-        loader = iter(torch.utils.data.DataLoader(
-            ImageFiles([s.path for s in todo], lb.preprocess, feature_format=specs[0].format), batch_size=batch_size,
-            shuffle=False, num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-            persistent_workers=False, prefetch_factor=4 if workers else None))
+    batches = ImageBatches([s.path for s in todo], lb.preprocess, batch_size=batch_size, workers=run.workers,
+                           pin=device.type == "cuda", strict=run.strict, progress=run.progress,
+                           desc=f"extract {lb.info.name}", feature_format=specs[0].format)
     writer = None
-    skipped: list[tuple[str, str]] = []
     done = 0
-    bar = tqdm(total=len(todo), unit="img", desc=f"extract {lb.info.name}", disable=not progress,
-               dynamic_ncols=True, smoothing=0.1)
     try:
-        # the workers are decoding from here on: preparing the network (an
-        # ONNX export, a compile) overlaps with them, and they were forked
-        # before any inference thread pool existed
+        # the workers are decoding from here on: preparing the network overlaps with them
         if forward is None:
             forward = build_forward()
         writer = _PartWriter(cache, specs)
-        for images, idx, errors in loader:
-            keep, bad = sort_out_bad(errors, lambda i: str(todo[int(idx[i])].path), strict)
-            for path, reason in bad:
-                bar.write(f"skipped {path}: {reason}", file=sys.stderr)  # stdout stays clean for CSV/JSON
-            skipped += bad
-            if keep:
-                arrays = forward(images[keep] if bad else images)
-                writer.put([todo[int(idx[i])].id for i in keep], arrays)
-                done += len(keep)
-            bar.update(len(errors))
+        for images, index in batches:
+            writer.put([todo[i].id for i in index], forward(images))
+            done += len(index)
     finally:
-        bar.close()
-        # decode workers end now, not whenever a kept traceback lets go of them
-        getattr(loader, "_shutdown_workers", lambda: None)()
+        batches.close()
         if writer is not None:
             writer.close()
-    return done, skipped, forward.runtime
+    return done, batches.skipped, forward.runtime
 
 
 # --------------------------------------------------------------------------

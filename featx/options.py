@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 __all__ = ["CLASSIFY", "DATASET", "EXTRACT", "FINETUNE", "LAYOUTS", "Option", "POOLS", "PRECISIONS", "STORAGES",
-           "TABLES", "click_options", "defaults", "problem"]
+           "TABLES", "TRAIN_PRECISIONS", "click_options", "defaults", "problem"]
 
 LAYOUTS = ("auto", "csv", "split-folders", "folders", "filenames", "none")
 POOLS = ("avg", "max", "avgmax", "none", "cls")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")    # of extraction; int8: ONNX Runtime on the CPU
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")      # of fine-tuning
 STORAGES = ("float32", "float16")
 
 
@@ -130,7 +131,8 @@ EXTRACT = (
     Option("pool", "str", "avg", "How feature maps or transformer tokens become vectors; cls: the class token "
            "(ViT, DINOv2), avg/max: over the patch tokens.", choices=POOLS, table="backbones"),
     Option("precision", "str", "auto", "Compute precision, part of the cache key; auto: bf16/fp16 on GPU, fp32 on "
-           "CPU (bf16 is faster only on CPUs with AMX/AVX512-BF16; ask for it).", choices=PRECISIONS,
+           "CPU (bf16 is faster only on CPUs with AMX/AVX512-BF16; ask for it); int8: ONNX Runtime, calibrated on "
+           "128 train images (CPU).", choices=PRECISIONS,
            table="backbones"),
     Option("storage", "str", "float32", "dtype of stored features.", choices=STORAGES, table="backbones"),
     Option("batch_size", "int", None, "Images per forward pass [default: 32 on CPU, the largest that fits (<=256) "
@@ -175,7 +177,7 @@ FINETUNE = (
     Option("probe", "str", "auto", "Start the head from the logistic regression on cached features; auto: with "
            "pretrained weights.", choices=("auto", "on", "off"), dest="probe_mode", table="finetune"),
     Option("precision", "str", "auto", "Training precision; auto: bf16 (or fp16 with loss scaling) on GPU, fp32 on "
-           "CPU.", choices=PRECISIONS, table="finetune"),
+           "CPU.", choices=TRAIN_PRECISIONS, table="finetune"),
     Option("patience", "int", 3, "Stop after this many epochs without a better val accuracy (0: never).", low=0,
            table="finetune"),
     Option("max_train_images", "int", None, "Train on a stratified subset of this many images (for CPU runs).", low=2,

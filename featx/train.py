@@ -432,14 +432,17 @@ def _extract_requests(ds, requests: Sequence[Request], *, weights_for, cache: Fe
     for r in requests:
         for b, layer in r:
             layers.setdefault(b, []).append(layer or get_backbone(b).default_layer)
-    spec_options = {k: v for k, v in extract_options.items() if k in ("pool", "precision", "storage", "device")}
-    for b, ls in layers.items():            # every backbone/layer/weights problem before hours of work
-        feature_specs(b, weights_for(b), list(dict.fromkeys(ls)), seed=seed, **spec_options)
+    from .extract import _SPEC_OPTIONS
+    spec_options = {k: v for k, v in extract_options.items() if k in _SPEC_OPTIONS}
+    run_options = {k: v for k, v in extract_options.items() if k not in _SPEC_OPTIONS}
+    # every backbone/layer/weights problem before hours of work; the weights are resolved here, once
+    resolved = {b: feature_specs(b, weights_for(b), list(dict.fromkeys(ls)), seed=seed,
+                                 device=extract_options.get("device", "auto"), **spec_options)
+                for b, ls in layers.items()}
     specs: dict[tuple[str, str], FeatureSpec] = {}
     reports: dict[str, ExtractReport] = {}
-    for b, ls in layers.items():
-        report = (extract_fn or extract)(ds, b, weights=weights_for(b), layers=list(dict.fromkeys(ls)), cache=cache,
-                                         progress=progress, seed=seed, notify=notify, **extract_options)
+    for b, ready in resolved.items():
+        report = (extract_fn or extract)(ds, ready, cache=cache, progress=progress, notify=notify, **run_options)
         reports[b] = report
         if on_extract is not None:
             on_extract(b, report)
@@ -610,9 +613,11 @@ class TrainResult:
 
     def manifest(self, ds: Dataset) -> dict:
         from .bundle import linear_manifest
+        from .quantize import bundle_ranges
         return linear_manifest(classes=ds.classes, spec=self.spec, weights_spec=self.weights_spec,
                                resolved=self.resolved, seed=self.seed, dims=self.dims, fit=self.fit,
-                               pca=self.pca, dataset=ds, test_metrics=self.test, parts=self.parts)
+                               pca=self.pca, dataset=ds, test_metrics=self.test, parts=self.parts,
+                               int8=bundle_ranges(self.report.cache_dir, self.spec.parts))
 
 
 def _train_request(backbone: str, layer: str | None) -> Request:

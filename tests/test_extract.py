@@ -249,7 +249,8 @@ def test_tensor_resize_stays_within_a_grey_level_or_two_of_pils(tmp_path, interp
 
 
 def test_format_2_features_are_still_made_the_pil_way_for_older_bundles(folder_dataset, tmp_path):
-    from featx.extract import FeatureNet, _preprocess_pil
+    from featx.extract import FeatureNet
+    from featx.preprocess import _preprocess_pil
     from featx.train import train
     ds = open_dataset(folder_dataset)
     new = extract(ds, cache=tmp_path / "c", **SMALL)

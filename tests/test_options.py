@@ -48,11 +48,15 @@ def _defaults(func):
 
 
 def test_library_functions_default_to_the_tables():
-    extract = importlib.import_module("featx.extract").extract
+    ex = importlib.import_module("featx.extract")
     finetune = importlib.import_module("featx.finetune").finetune
     open_dataset = importlib.import_module("featx.data").open_dataset
     compare = importlib.import_module("featx.train").compare
-    for func, table, skip in ((extract, EXTRACT, ()), (finetune, FINETUNE, ()), (open_dataset, DATASET, ()),
+    # extraction: what is computed (the "backbones" keys) goes to feature_specs, how it runs to RunOptions
+    what = tuple(o for o in EXTRACT if o.table == "backbones")
+    how = tuple(o for o in EXTRACT if o.table != "backbones")
+    for func, table, skip in ((ex.feature_specs, what, ()), (ex.RunOptions, how, ()), (finetune, FINETUNE, ()),
+                              (open_dataset, DATASET, ()),
                               # jobs/threads: the CLI uses every core, the library one unless asked
                               (compare, CLASSIFY, ("jobs", "threads"))):
         got = _defaults(func)
@@ -61,6 +65,7 @@ def test_library_functions_default_to_the_tables():
                 continue
             assert o.name in got, (func.__name__, o.name)
             assert got[o.name] == o.default, (func.__name__, o.name, got[o.name], o.default)
+    assert {o.name for o in EXTRACT} <= set(ex._SPEC_OPTIONS) | set(ex._RUN_OPTIONS)   # extract(ds, "name", **them)
 
 
 def test_a_newcomer_adds_an_option_in_one_place(monkeypatch):

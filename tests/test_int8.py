@@ -1,0 +1,144 @@
+"""--precision int8: ONNX Runtime static quantization, calibrated on the dataset's images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import featx
+from featx import quantize
+from featx.cache import FeatureCache
+from featx.cli import cli as main
+from featx.data import open_dataset
+from featx.extract import extract, feature_specs
+
+from .conftest import make_image
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+SMALL = dict(backbone="resnet18", weights="none", batch_size=4, workers=0, progress=False)
+
+
+def test_calibration_sample_depends_on_content_and_seed_only(folder_dataset):
+    ds = open_dataset(folder_dataset)
+    a = quantize.calibration_sample(ds.samples, seed=0, n=5)
+    assert len(a) == 5 and all(s.split == "train" for s in a)
+    assert [s.id for s in quantize.calibration_sample(list(reversed(ds.samples)), seed=0, n=5)] == [s.id for s in a]
+    assert {s.id for s in quantize.calibration_sample(ds.samples, seed=1, n=5)} != {s.id for s in a}
+    assert quantize.calibration_for(ds.samples).id == quantize.calibration_id(
+        s.id for s in quantize.calibration_sample(ds.samples))
+
+
+def test_int8_entries_have_their_own_keys_and_stay_close_to_fp32(folder_dataset, tmp_path):
+    ds = open_dataset(folder_dataset)
+    cache = tmp_path / "c"
+    r8 = extract(ds, precision="int8", cache=cache, **SMALL)
+    r32 = extract(ds, precision="fp32", cache=cache, **SMALL)
+    (s8,), (s32,) = r8.specs, r32.specs
+    assert r8.runtime == "onnx" and r8.n_extracted == len(ds.samples)
+    assert s8.precision == "int8" and s8.calibration == quantize.calibration_for(ds.samples).id
+    assert s8.key != s32.key and "-int8-" in s8.key and s32.calibration == ""
+    assert set(FeatureCache(cache).keys()) == {s8.key, s32.key}
+    # another calibration (another seed: other images) is another entry
+    assert feature_specs("resnet18", "none", precision="int8", calibration="other")[2][0].key != s8.key
+    ids = [s.id for s in ds.samples]
+    X8, X32 = FeatureCache(cache).read(s8.key, ids), FeatureCache(cache).read(s32.key, ids)
+    err = np.linalg.norm(X8 - X32) / np.linalg.norm(X32)
+    assert 0 < err < quantize.MAX_RELATIVE_ERROR      # quantized, yet the same features
+
+
+def test_quantized_model_is_reused_from_disk(folder_dataset, tmp_path, monkeypatch):
+    ds = open_dataset(folder_dataset)
+    cache = tmp_path / "c"
+    extract(ds, precision="int8", cache=cache, **SMALL)
+    stored = sorted(p.name for p in (cache / "onnx").iterdir())
+    assert any(n.endswith(".int8.onnx") for n in stored) and any(n.endswith(".ranges.json") for n in stored)
+    (key,) = FeatureCache(cache).keys()
+    FeatureCache(cache).remove(key)
+
+    def must_not_run(*a, **k):
+        raise AssertionError("exported or quantized again")
+    monkeypatch.setattr(quantize, "quantize", must_not_run)
+    monkeypatch.setattr(quantize, "export_onnx", must_not_run)
+    again = extract(ds, precision="int8", cache=cache, **SMALL)
+    assert again.n_extracted == len(ds.samples) and again.keys == [key]
+
+
+def test_damaged_stored_model_is_made_again(folder_dataset, tmp_path):
+    ds = open_dataset(folder_dataset)
+    cache = tmp_path / "c"
+    extract(ds, precision="int8", cache=cache, **SMALL)
+    (model,) = (cache / "onnx").glob("*.int8.onnx")
+    model.write_bytes(b"\0" * model.stat().st_size)
+    FeatureCache(cache).remove(FeatureCache(cache).keys()[0])
+    again = extract(ds, precision="int8", cache=cache, **SMALL)
+    assert again.n_extracted == len(ds.samples)
+    assert model.read_bytes()[:4] != b"\0\0\0\0"
+
+
+def test_failed_quantization_falls_back_to_fp32_with_one_notice(folder_dataset, tmp_path, monkeypatch):
+    import onnxruntime.quantization as ortq
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel for you")
+    monkeypatch.setattr(ortq, "quantize_static", broken)
+    ds = open_dataset(folder_dataset)
+    notes = []
+    rep = extract(ds, precision="int8", cache=tmp_path / "c", notify=notes.append, **SMALL)
+    (spec,) = rep.specs
+    assert spec.precision == "fp32" and spec.calibration == "" and rep.n_extracted == len(ds.samples)
+    (line,) = [n for n in notes if "int8" in n]
+    assert "\n" not in line and "no kernel for you" in line and "extracting in fp32 instead" in line
+    keys = FeatureCache(tmp_path / "c").keys()
+    assert keys == [spec.key] and not any("int8" in k for k in keys)
+    assert not list((tmp_path / "c" / "onnx").glob("*int8*"))
+    fp32 = extract(ds, precision="fp32", cache=tmp_path / "c", **SMALL)
+    assert fp32.keys == rep.keys and fp32.n_extracted == 0
+
+
+def test_int8_option_clashes_are_one_line_errors(folder_dataset, tmp_path):
+    r = CliRunner().invoke(main, ["extract", str(folder_dataset), "-b", "resnet18", "--weights", "none",
+                                  "--precision", "int8", "--runtime", "torch", "--cache", str(tmp_path / "c")])
+    assert r.exit_code == 1, r.output                  # before the dataset is read: one line
+    assert r.output.strip().splitlines() == ["Error: --precision int8 runs on ONNX Runtime, not with --runtime "
+                                             "torch; use --runtime auto, or --precision fp32"]
+    r = CliRunner().invoke(main, ["finetune", str(folder_dataset), "-b", "resnet18", "--precision", "int8",
+                                  "--out", str(tmp_path / "m.featx")])
+    assert r.exit_code == 2 and "'int8' is not one of" in r.output     # fine-tuning trains in float
+
+
+@pytest.mark.slow
+def test_int8_bundle_predicts_where_the_store_never_saw_the_calibration(split_dataset, tmp_path):
+    ds = open_dataset(split_dataset)
+    cache = tmp_path / "c"
+    result = featx.train(ds, "resnet18", "logreg", weights="none", precision="int8", grid=[1.0], cache=cache,
+                         progress=False, workers=0, batch_size=4)
+    out = featx.bundle.save_bundle(tmp_path / "m.featx", result.manifest(ds), result.fit.pipeline)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (cal,) = manifest["int8"]
+    assert cal == result.spec.parts[0].calibration
+    paths = [str(s.path) for s in ds.subset("test")]
+    want = featx.predict(out, paths, cache=cache, progress=False)
+    # a new machine: an empty cache and no stored model; the bundle's ranges rebuild the same int8 network
+    got = featx.predict(out, paths, cache=tmp_path / "fresh", progress=False)
+    assert [r["label"] for r in got] == [r["label"] for r in want]
+    np.testing.assert_allclose([r["probability"] for r in got], [r["probability"] for r in want], atol=1e-5)
+    assert list((tmp_path / "fresh" / "onnx").glob("*.int8.onnx"))
+
+
+def test_a_growing_dataset_keeps_its_calibration(folder_dataset, tmp_path):
+    cache = tmp_path / "c"
+    first = extract(open_dataset(folder_dataset), precision="int8", cache=cache, **SMALL)
+    for i in range(6):   # new photos; some would enter a fresh seeded sample
+        make_image(folder_dataset / "red" / f"new_{i}.png", (200, 40, 40), seed=900 + i)
+    ds = open_dataset(folder_dataset)
+    assert quantize.calibration_for(ds.samples).id != first.specs[0].calibration   # a fresh sample would differ
+    again = extract(ds, precision="int8", cache=cache, **SMALL)
+    assert again.keys == first.keys and again.n_extracted == 6     # only the new images
+    # another cache knows no calibration: the dataset's own seeded sample
+    other = extract(ds, precision="int8", cache=tmp_path / "other", **SMALL)
+    assert other.specs[0].calibration == quantize.calibration_for(ds.samples).id

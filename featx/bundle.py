@@ -473,10 +473,14 @@ def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weigh
     first = parts[0][0]
     same = lambda b: (b["name"], b.get("weights_identity")) == (first["name"], first.get("weights_identity"))  # noqa: E731
     resolved = [check_weights(bundle, weights if same(b) else None, backbone=b) for b, _ in parts]
-    for _, spec in parts:
-        if extract_options.get("runtime") == "onnx" and spec.precision != "fp32":
+    for _, spec in parts:   # the bundle's precision cannot change: say which runtime computes it
+        runtime = extract_options.get("runtime")
+        if runtime == "onnx" and spec.precision not in ("fp32", "int8"):
             raise ConfigError(f"--runtime onnx computes in fp32, and {bundle.path.name} was trained on "
                               f"{spec.precision} features: use --runtime torch (or auto)")
+        if runtime == "torch" and spec.precision == "int8":
+            raise ConfigError(f"--runtime torch cannot compute int8, and {bundle.path.name} was trained on "
+                              "int8 features: use --runtime onnx (or auto)")
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     proba = np.full((len(samples), len(bundle.classes)), np.nan)
     if not samples:

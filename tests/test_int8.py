@@ -128,6 +128,9 @@ def test_int8_bundle_predicts_where_the_store_never_saw_the_calibration(split_da
     assert [r["label"] for r in got] == [r["label"] for r in want]
     np.testing.assert_allclose([r["probability"] for r in got], [r["probability"] for r in want], atol=1e-5)
     assert list((tmp_path / "fresh" / "onnx").glob("*.int8.onnx"))
+    with pytest.raises(featx.errors.ConfigError, match=r"^--runtime torch cannot compute int8, and m.featx was "
+                                                       r"trained on int8 features: use --runtime onnx \(or auto\)$"):
+        featx.predict(out, paths, cache=cache, progress=False, runtime="torch")
 
 
 def test_a_growing_dataset_keeps_its_calibration(folder_dataset, tmp_path):

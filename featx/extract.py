@@ -580,6 +580,14 @@ def specs_and_run(specs: Specs | str | None, run: RunOptions | None, backbone: s
     return specs, run
 
 
+def calibrated(specs: Specs, samples: list[Sample], cache: FeatureCache | str | os.PathLike) -> Specs:
+    """``specs`` with the calibration id an :func:`extract` of ``samples`` into
+    ``cache`` would give them (int8 only; other specs come back as they are):
+    what a plan needs to know the keys before extracting."""
+    cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    return _calibrated(specs, samples, None, cache)[0]
+
+
 def _calibrated(specs: Specs, samples: list[Sample], calibration, cache: FeatureCache):
     """int8 specs with their calibration's id, and that calibration (None for
     other precisions): the one given, else the dataset's own (see

@@ -35,6 +35,7 @@ extracts in fp32 instead, into fp32 entries, with a one-line notice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -262,7 +263,8 @@ def quantize(fp32: bytes, images: np.ndarray | None, ranges: dict | None, name: 
         level = log.level
         try:
             log.setLevel(logging.ERROR)   # ONNX Runtime's advice is logged at WARNING on the root logger
-            with warnings.catch_warnings():
+            # its calibrators print their progress: stdout stays featx's (CSV, JSON)
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 quant_pre_process(src, pre, skip_symbolic_shape=True)
                 quantize_static(pre, out, None if images is None else _Reader(images), **_quantize_args(),

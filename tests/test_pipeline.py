@@ -385,3 +385,19 @@ def test_dask_engine_is_validated_and_passed_through(project, monkeypatch):
     r = run("run", "p.toml", "-q")
     assert r.output == "Error: no scheduler here\n"
     assert seen == {"kind": "dask", "scheduler": "tcp://127.0.0.1:1", "shard_size": 8}
+
+
+@pytest.mark.slow
+def test_an_int8_pipeline_knows_its_keys_before_extracting_and_reruns_nothing(project):
+    pytest.importorskip("onnxruntime")
+    toml = PIPELINE.replace('layers = ["layer3", "flatten"]\n', 'layers = ["flatten"]\nprecision = "int8"\n')
+    (project / "p.toml").write_text(toml.replace('names = ["logreg", "linear-svm"]', 'names = ["logreg"]'))
+    r = run("run", "p.toml", "-q")
+    assert r.exit_code == 0, r.output
+    assert _summary_tail(r.output) == "computed: 1 feature set, 1 model, 1 evaluation, 1 report; reused: nothing"
+    (entry,) = [p.name for p in (project / "cache").iterdir() if "-int8-" in p.name]
+    r = run("run", "p.toml")
+    assert r.exit_code == 0, r.output
+    assert "[extract] resnet18 flatten (avg, int8): cached (24 images)" in r.stderr
+    assert _summary_tail(r.stdout) == "computed: nothing; reused: 1 feature set, 1 model, 1 evaluation, 1 report"
+    assert json.loads((project / "out" / "best.featx" / "manifest.json").read_text())["features"]["key"] == entry

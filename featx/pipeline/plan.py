@@ -84,6 +84,13 @@ class _Backbone:
     specs: list
     items: list = field(default_factory=list)       # extract PlanItems, one per layer
     missing: set = field(default_factory=set)       # keys of the specs whose cache entry lacks images
+    seed: int = 0
+
+    @property
+    def ready(self):
+        """The specs as :func:`featx.extract.extract` takes them (weights resolved at load)."""
+        from ..extract import Specs
+        return Specs(self.info, self.rw, self.specs, self.seed)
 
 
 @dataclass
@@ -181,10 +188,11 @@ def plan_pipeline(p: Pipeline, cache=None, force=(), *, dataset=None) -> Plan:
 
 def _plan_extract(p: Pipeline, b: dict, cache, ds, manifest: StageManifest, force) -> _Backbone:
     """One [[backbones]] table: an extract item per layer, cached or to compute."""
-    from ..extract import feature_specs
-    info, rw, specs = feature_specs(b["name"], b["weights"], b["layers"], b["pool"], b["precision"],
-                                    b["storage"], p.dataset["seed"], p.engine["device"], resolved=b["_weights"])
-    bb = _Backbone(b, info, rw, specs)
+    from ..extract import calibrated, feature_specs
+    ready = calibrated(feature_specs(b["name"], b["weights"], b["layers"], b["pool"], b["precision"], b["storage"],
+                                     p.dataset["seed"], p.engine["device"], resolved=b["_weights"]), ds.samples, cache)
+    info, rw, specs = ready
+    bb = _Backbone(b, info, rw, specs, seed=ready.seed)
     unique_ids = {s.id for s in ds.samples}
     for spec in specs:
         known_bad = set((manifest.data["extract"].get(spec.key) or {}).get("unreadable", {}))

@@ -126,6 +126,7 @@ def _execute(plan: Plan, progress: bool, notify, t0: float) -> RunResult:
 
 
 def _stage_extract(plan: Plan, cache, extract_fn, progress, notify, events):
+    from ..extract import RunOptions
     p, ds, manifest = plan.pipeline, plan.dataset, plan.manifest
     for bb in plan.backbones:
         todo = [i for i in bb.items if i.action == "compute"]
@@ -142,11 +143,12 @@ def _stage_extract(plan: Plan, cache, extract_fn, progress, notify, events):
                     cache.remove(spec.key)
         notify(f"[extract] {bb.config['name']} ({bb.rw.name}): {layers} in one pass")
         e = p.engine
-        report = extract_fn(ds, bb.config["name"], weights=bb.config["weights"], layers=bb.config["layers"],
-                            pool=bb.config["pool"], precision=bb.config["precision"], storage=bb.config["storage"],
-                            batch_size=e["batch_size"], device=e["device"], cache=cache, workers=e["workers"],
-                            progress=progress, seed=p.dataset["seed"], notify=notify, compile=e["compile"],
-                            runtime=e["runtime"])
+        run = RunOptions(device=e["device"], runtime=e["runtime"], compile=e["compile"], batch_size=e["batch_size"],
+                         workers=e["workers"], progress=progress)
+        report = extract_fn(ds, bb.ready, run, cache=cache, notify=notify)
+        if [s.key for s in report.specs] != [s.key for s in bb.specs]:   # int8 fell back to fp32
+            bb.specs = list(report.specs)
+            bb.items = [dataclasses.replace(i, key=s.key) for i, s in zip(bb.items, bb.specs)]
         bad = {str(path): reason for path, reason in report.skipped}
         unreadable = {s.id: bad[str(s.path)] for s in ds.samples if str(s.path) in bad}
         for spec, item in zip(bb.specs, bb.items):

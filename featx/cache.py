@@ -55,6 +55,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from .errors import CacheError
+from .files import fsync_path
 
 # 2: features computed with BatchNorm folded into the convolutions (equal to
 # 1e-6, but an entry never mixes rows from the two ways of computing them)
@@ -115,9 +116,10 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _versions() -> dict:
-    """The software that wrote an entry (torch's version read from what is
-    imported, else from its installed metadata: a commit never imports torch)."""
+def _entry_versions() -> dict:
+    """The software that computed an entry's features (torch's version read from
+    what is imported, else from its installed metadata: a commit never imports
+    torch); a bundle records the libraries of its model instead (``bundle._bundle_versions``)."""
     from importlib import metadata
 
     from . import __version__
@@ -587,7 +589,7 @@ def _write_segment(final: Path, spec: "FeatureSpec", dim: int, total: int, block
             feats.attrs[ZERO_CHUNKS_ATTR] = np.array(legit, dtype=np.int64)
         f.attrs.update({"key": spec.key, "spec": spec.canonical(), "featx_layout": LAYOUT, "sorted": 1,
                         "created": _now()})
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, final)
     return total
 
@@ -653,7 +655,7 @@ def _write_small(path: Path, data: bytes, root: Path):
             raise disk_full_error(root, len(data)) from None
         raise CacheWriteError(f"{path}: cannot be written ({e.strerror or _one_line(e)}); "
                               "use a --cache folder you can write") from None
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def _manifest_from_group(mid: str, g: h5py.Group) -> dict:
@@ -670,10 +672,11 @@ def _manifest_from_group(mid: str, g: h5py.Group) -> dict:
 _VERSIONS: dict | None = None
 
 
-def _versions_once() -> dict:
+def _entry_versions_once() -> dict:
+    """:func:`_entry_versions`, looked up once a process."""
     global _VERSIONS
     if _VERSIONS is None:
-        _VERSIONS = _versions()
+        _VERSIONS = _entry_versions()
     return _VERSIONS
 
 
@@ -1282,7 +1285,7 @@ class FeatureCache:
     def _new_log(self, key: str, spec: FeatureSpec, created: str | None = None) -> dict:
         return {"featx_layout": LAYOUT, "key": key, "spec": spec.canonical(), "format": spec.format,
                 "dim": None, "dtype": np.dtype(_store_dtype(spec.storage)).name, "generation": 0,
-                "created": created or _now(), "updated": _now(), "versions": _versions_once(),
+                "created": created or _now(), "updated": _now(), "versions": _entry_versions_once(),
                 "segments": [], "datasets": []}
 
     def _commit_log(self, key: str, log: dict):
@@ -1813,13 +1816,3 @@ def write_manifest_group(parent: h5py.Group, manifest: dict):
     g.create_dataset("splits", data=np.array([s["split"] for s in samples], dtype=object), dtype=str_dt)
     g.attrs.update({"name": manifest["name"], "root": manifest["root"], "layout": manifest["layout"],
                     "classes": json.dumps(manifest["classes"]), "split_made": json.dumps(manifest["split_made"])})
-
-
-def _fsync(path: Path):
-    """Flush a file (or a folder, after a rename) to disk."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

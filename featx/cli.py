@@ -44,7 +44,29 @@ def cli():
 
 
 def main():  # console entry point
-    cli(prog_name="featx")
+    """Run the command, then leave without tearing down torch's and ONNX
+    Runtime's native state at interpreter shutdown: measured 0.45 s after a
+    command that imported torch, 1 s with torchvision, after all the work
+    (and every file it wrote, each already complete and renamed) was done.
+    atexit handlers still run first (temporary folders, logging, worker
+    processes); a command that never imported torch exits as usual."""
+    try:
+        cli(prog_name="featx")
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    import atexit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe (| head): nothing more to say
+            pass
+    os._exit(code)
 
 
 # --------------------------------------------------------------------------

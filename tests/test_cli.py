@@ -119,3 +119,21 @@ def test_a_dataset_with_no_readable_image_fails_and_leaves_the_cache_usable(run,
     assert "extracted 24 images" in r.output and not list(cache.glob("*.tmp-*"))
     r = run("extract", folder_dataset, "-b", "resnet18", "-w", "none", "-q", "--cache", cache)
     assert "nothing to extract: all 24 images already cached" in r.output
+
+
+def test_the_console_entry_point_keeps_exit_codes_and_flushes_its_output(folder_dataset, tmp_path):
+    """main() leaves with os._exit once torch is loaded (its teardown cost a second): the
+    output still arrives whole, through a pipe, and failures still exit non-zero."""
+    import subprocess
+    import sys
+    entry = [sys.executable, "-c", "from featx.cli import main; main()"]
+    ok = subprocess.run([*entry, "extract", str(folder_dataset), "-b", "resnet18", "--weights", "none", "-q",
+                         "--cache", str(tmp_path / "c")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("extracted 24 images in ") and ok.stdout.rstrip().endswith("(24 x 512)")
+    bad = subprocess.run([*entry, "extract", str(folder_dataset), "-b", "resnet18", "--weights", "none",
+                          "--precision", "int8", "--runtime", "torch", "--cache", str(tmp_path / "c")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("Error: --precision int8 runs on ONNX Runtime")
+    usage = subprocess.run([*entry, "extract", "--no-such-option"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "No such option '--no-such-option'" in usage.stderr

@@ -184,7 +184,7 @@ def earlier_layer(backbone: str) -> str:
 
 def _sample(samples, n: int, seed: int):
     """A stratified, seeded sample of about ``n`` samples (every class kept)."""
-    from .finetune import stratified_take
+    from .data import stratified_take
     return stratified_take(samples, n, seed) if len(samples) > n else list(samples)
 
 

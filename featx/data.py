@@ -48,12 +48,13 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, DatasetError, ImageError
+from .options import LAYOUTS
+from .text import slug
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 SPLITS = ("train", "val", "test")
-LAYOUTS = ("auto", "csv", "split-folders", "folders", "filenames", "none")
 # 2: an image's split depends on its content id and the seed only (1 also hashed its file name).
 SPLIT_VERSION = 2
 # Decoding budget per image: a 24000x24000 PNG of 600 KB would otherwise take
@@ -186,9 +187,7 @@ def _text(path) -> str:
         return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _slug(name: str, empty: str = "dataset") -> str:
-    """``name`` made safe for a file name (``empty`` when nothing is left)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or empty
+_slug = slug     # the name other modules have imported; the helper lives in featx.text
 
 
 # --------------------------------------------------------------------------
@@ -632,6 +631,32 @@ def open_dataset(
     >>> ds = open_dataset("photos/")            # doctest: +SKIP
     >>> ds.classes, ds.counts("train")          # doctest: +SKIP
     """
+    paths = _given_paths(path)
+    root = paths[0] if len(paths) == 1 else Path(os.path.commonpath(paths))
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    _check_fractions(val_fraction, test_fraction)
+    if label_regex is not None:
+        _compile_label_regex(label_regex)
+    layout = _layout_of_images(paths, root, layout, labels)
+    walker = _Walker()
+    layout, entries = _discover(paths, root, layout, label_regex, labels, walker)
+    skipped: list[tuple[str, str]] = list(walker.problems)
+    kept = _image_entries(entries, label_regex, skipped)
+    if not kept:
+        raise DatasetError(f"{_text(root)}: no images found for layout {layout!r}")
+    samples = _identify(kept, hash_index, skipped, root)
+    if layout == "none":
+        return Dataset(root, layout, [], samples, None, skipped)
+    if labels:
+        _check_labels(root, layout, samples, label_regex)
+    classes = sorted({s.label for s in samples})
+    samples, split_made = _split_samples(samples, root, val_fraction, test_fraction, seed, labels)
+    return Dataset(root, layout, classes, samples, split_made, skipped)
+
+
+def _given_paths(path) -> list[Path]:
+    """The paths given (``featx:NAME`` resolved), each one existing, absolute."""
     given = list(path) if isinstance(path, (list, tuple)) else [path]
     if not given:
         raise DatasetError("no images given")
@@ -641,12 +666,12 @@ def open_dataset(
         if not p.exists():
             raise DatasetError(f"{_text(p)}: no such file or folder")
         paths.append(p.resolve())
-    root = paths[0] if len(paths) == 1 else Path(os.path.commonpath(paths))
-    if layout not in LAYOUTS:
-        raise DatasetError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
-    _check_fractions(val_fraction, test_fraction)
-    if label_regex is not None:
-        _compile_label_regex(label_regex)
+    return paths
+
+
+def _layout_of_images(paths: list[Path], root: Path, layout: str, labels: bool) -> str:
+    """``none`` for one image or several paths (an error when labels are
+    needed, or with another layout); else ``layout`` as given."""
     several = len(paths) > 1 or (root.is_file() and root.suffix.lower() != ".csv")
     if labels and (layout == "none" or several):
         what = "--layout none" if layout == "none" else f"{_text(root)}" if len(paths) == 1 else "a list of images"
@@ -657,9 +682,14 @@ def open_dataset(
         if layout not in ("auto", "none"):
             raise DatasetError(f"--layout {layout}: needs one folder or .csv manifest, not "
                                f"{'a single image' if len(paths) == 1 else 'a list of images'}; use --layout none")
-        layout = "none"
+        return "none"
+    return layout
 
-    walker = _Walker()
+
+def _discover(paths: list[Path], root: Path, layout: str, label_regex: str | None, labels: bool,
+              walker: _Walker) -> tuple[str, list]:
+    """``(layout, [(path, label, split)])``: the layout detected when ``auto``
+    (``none`` when, for extraction, the images have no class structure)."""
     auto = layout == "auto"
     if auto:
         layout = detect_layout(root, walker)
@@ -678,8 +708,11 @@ def open_dataset(
         if len(found) < 2 or _mostly_single(found):   # no class structure: images without labels
             layout = "none"
             entries = list(_entries_none(paths, walker))
+    return layout, entries
 
-    skipped: list[tuple[str, str]] = list(walker.problems)
+
+def _image_entries(entries, label_regex: str | None, skipped: list) -> list:
+    """The entries that are labelled image files; the others go to ``skipped`` with the reason."""
     kept = []
     for p, label, split in entries:
         if label is None:
@@ -690,9 +723,11 @@ def open_dataset(
             skipped.append((_text(p), f"not an image extension ({_text(p.suffix) or 'none'})"))
         else:
             kept.append((p, label, split))
-    if not kept:
-        raise DatasetError(f"{_text(root)}: no images found for layout {layout!r}")
+    return kept
 
+
+def _identify(kept, hash_index, skipped: list, root: Path) -> list[Sample]:
+    """Samples of the kept entries, with their content ids; unreadable files go to ``skipped``."""
     index = HashIndex(hash_index)
     try:
         ids = _hash_all([p for p, _, _ in kept], index)
@@ -707,13 +742,13 @@ def open_dataset(
     if not samples:
         path0, why = skipped[-1]
         raise DatasetError(f"{_text(root)}: none of its {len(kept)} images could be read (first: {path0}: {why})")
+    return samples
 
-    if layout == "none":
-        return Dataset(root, layout, [], samples, None, skipped)
-    if labels:
-        _check_labels(root, layout, samples, label_regex)
-    classes = sorted({s.label for s in samples})
 
+def _split_samples(samples: list[Sample], root: Path, val_fraction: float, test_fraction: float, seed: int,
+                   labels: bool) -> tuple[list[Sample], dict | None]:
+    """``(samples, split_made)``: a stratified split made when there is no test
+    split (and a held-out fraction asked for), else unsplit images in train."""
     split_made = None
     has_val = any(s.split == "val" for s in samples)
     if not any(s.split == "test" for s in samples) and (test_fraction > 0 or (not has_val and val_fraction > 0)):
@@ -723,7 +758,7 @@ def open_dataset(
     if labels and val_fraction == 0 and test_fraction == 0 and not any(s.split in ("val", "test") for s in samples):
         raise ConfigError(f"{_text(root)}: --val-fraction 0 and --test-fraction 0 leave no images to evaluate on "
                           "(the dataset has no val or test split); give one of them a share")
-    return Dataset(root, layout, classes, samples, split_made, skipped)
+    return samples, split_made
 
 
 def _make_split(samples, val_fraction, test_fraction, seed, keep_val=False):
@@ -757,6 +792,78 @@ def _make_split(samples, val_fraction, test_fraction, seed, keep_val=False):
     made = {"version": SPLIT_VERSION, "seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction,
             "stratified": True}
     return out, made
+
+
+# --------------------------------------------------------------------------
+# sampling
+
+# Share of each class of train held out for validation by :func:`split_train_val`
+# when the dataset has no val split (fine-tuning must have images to pick its best epoch on).
+HOLD_OUT_VAL_FRACTION = 0.15
+
+
+def samples_digest(samples: list[Sample]) -> str:
+    """Digest of the samples' content ids and labels, in order: which images,
+    labelled how (not where they are); blake2b-64, hex."""
+    h = hashlib.blake2b(digest_size=8)
+    for s in samples:
+        h.update(f"{s.id}\t{s.label}\n".encode())
+    return h.hexdigest()
+
+
+def _order_key(seed: int, s: Sample) -> bytes:
+    return hashlib.blake2b(f"{seed}:{s.id}:{s.path.name}".encode(), digest_size=8).digest()
+
+
+def _by_class(samples: list[Sample], seed: int) -> dict[str, list[Sample]]:
+    out: dict[str, list[Sample]] = {}
+    for s in samples:
+        out.setdefault(s.label, []).append(s)
+    return {c: sorted(v, key=lambda s: _order_key(seed, s)) for c, v in sorted(out.items())}
+
+
+def stratified_take(samples: list[Sample], n: int, seed: int) -> list[Sample]:
+    """``n`` samples with the class proportions of ``samples`` (at least one
+    per class), chosen by a seeded hash of their content: deterministic."""
+    if n >= len(samples):
+        return list(samples)
+    groups = _by_class(samples, seed)
+    total = len(samples)
+    quota = {c: max(1, math.floor(n * len(v) / total)) for c, v in groups.items()}
+    rest = sorted(groups, key=lambda c: -(n * len(groups[c]) / total - math.floor(n * len(groups[c]) / total)))
+    i = 0
+    while sum(quota.values()) < n and rest:
+        c = rest[i % len(rest)]
+        if quota[c] < len(groups[c]):
+            quota[c] += 1
+        i += 1
+    keep = {s.id + str(s.path) for c, v in groups.items() for s in v[:quota[c]]}
+    return [s for s in samples if s.id + str(s.path) in keep]
+
+
+def split_train_val(ds: Dataset, max_train_images: int | None, seed: int,
+                    val_fraction: float = HOLD_OUT_VAL_FRACTION) -> tuple[list[Sample], list[Sample], str]:
+    """Fine-tuning's (train samples, val samples, where val came from): the
+    val split, else a stratified ``val_fraction`` of each class of train
+    held out; train then cut to ``max_train_images`` (:func:`stratified_take`)."""
+    train = ds.subset("train") if "train" in ds.splits else []
+    if "val" in ds.splits:
+        val, source = ds.subset("val"), "val split"
+    else:
+        groups = _by_class(train, seed + 1)
+        held = {id(s) for v in groups.values() if len(v) >= 2
+                for s in v[:max(1, math.floor(len(v) * val_fraction + 0.5))]}
+        val = [s for s in train if id(s) in held]
+        train = [s for s in train if id(s) not in held]
+        source = f"{len(val)} train images held out (stratified, {val_fraction:.0%}; the dataset has no val split)"
+    if len(train) < 2:
+        raise DatasetError(f"{ds.root}: {len(train)} train image(s); fine-tuning needs at least 2")
+    if not val:
+        raise DatasetError(f"{ds.root}: no images to validate on (no val split and too few train images to hold "
+                           "some out)")
+    if max_train_images is not None and max_train_images < len(train):
+        train = stratified_take(train, max_train_images, seed)
+    return train, val, source
 
 
 # --------------------------------------------------------------------------

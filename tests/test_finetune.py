@@ -86,17 +86,19 @@ def test_the_probe_layer_is_the_heads_input(name):
     """The cached default layer (avg-pooled) is what the head sees in eval mode,
     so a probe fitted on it is a head."""
     from featx.extract import FeatureNet
+    from featx.preprocess import Normalize
     info = get_backbone(name)
     torch.manual_seed(0)
     model = info.build(num_classes=10).eval()
     seen = {}
     model.get_submodule(info.head).register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
-    net = FeatureNet(model, [info.default_layer], "avg", resolve_weights(name, "none").preprocess)
+    pre = resolve_weights(name, "none").preprocess
+    net = FeatureNet(model, [info.default_layer], "avg", pre)
     size = 80 if name == "inception_v3" else 64
     x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     with torch.no_grad():
         feats = net(x)[0]
-        model(x.float() * net.scale + net.shift)
+        model(Normalize(pre)(x))
     assert torch.allclose(feats, seen["x"].flatten(1), atol=1e-5)
 
 
@@ -160,7 +162,7 @@ def test_stage_one_changes_the_head_and_nothing_else(data, tmp_path):
 
 def test_the_best_epoch_is_kept_and_training_stops_early(data, tmp_path, monkeypatch):
     accs = iter([0.2, 0.5, 0.9, 0.7, 0.6, 0.99, 0.99])
-    monkeypatch.setattr(ft, "_evaluate", lambda *a, **k: (1.0, next(accs)))
+    monkeypatch.setattr(ft.trainer, "_evaluate", lambda *a, **k: (1.0, next(accs)))
     states = {}
     res = ft.finetune(data["ds"], NET, tmp_path / "m.featx", epochs=6, freeze_epochs=1,
                       **{**FAST, "patience": 2}, on_epoch_end=lambda rec, model: states.update({rec["epoch"]: _state(model)}))
@@ -242,6 +244,8 @@ def test_the_probe_start_predicts_exactly_as_the_logistic_regression(data, finet
     from featx.cache import FeatureCache
     from featx.classify import fit_classifier
     from featx.extract import ImageFiles, feature_specs
+    from featx.finetune.probe_start import _apply_probe
+    from featx.preprocess import Normalize
     ds = data["ds"]
     key = feature_specs("mobilenet_v2", "none", precision="fp32")[2][0].key
     cache = FeatureCache(data["cache"])
@@ -251,10 +255,10 @@ def test_the_probe_start_predicts_exactly_as_the_logistic_regression(data, finet
     info = get_backbone("mobilenet_v2")
     ft.replace_head(lb.model, info, 3)
     W, b = ft.fold_probe(pipe, 3)
-    ft._apply_probe(lb.model, info, ft.ProbeStart("linear-probe", "", weight=W, bias=b))
+    _apply_probe(lb.model, info, ft.ProbeStart("linear-probe", "", weight=W, bias=b))
     x = torch.stack([ImageFiles([s.path for s in test], lb.preprocess)[i][0] for i in range(len(test))])
     with torch.no_grad():
-        proba = torch.softmax(lb.model.eval()(ft._Normalize(lb.preprocess)(x)), 1).numpy()
+        proba = torch.softmax(lb.model.eval()(Normalize(lb.preprocess)(x)), 1).numpy()
     expected = pipe.predict_proba(cache.read(key, [s.id for s in test]))
     assert np.allclose(proba, expected, atol=1e-4) and (proba.argmax(1) == expected.argmax(1)).all()
 
@@ -343,14 +347,14 @@ def test_cli_errors_are_one_line(data, tmp_path):
 
 
 def test_stratified_subset_keeps_every_class_and_is_deterministic(data):
-    from featx.data import Sample
+    from featx.data import Sample, stratified_take
     from pathlib import Path
     samples = [Sample(Path(f"{c}{i}.jpg"), c, "train", f"{c}{i}") for c, n in (("a", 50), ("b", 10), ("c", 2))
                for i in range(n)]
-    sub = ft.stratified_take(samples, 20, seed=0)
+    sub = stratified_take(samples, 20, seed=0)
     counts = {c: sum(s.label == c for s in sub) for c in "abc"}
     assert len(sub) == 20 and counts["c"] >= 1 and counts["a"] > counts["b"] > 0
-    assert sub == ft.stratified_take(samples, 20, seed=0) != ft.stratified_take(samples, 20, seed=1)
+    assert sub == stratified_take(samples, 20, seed=0) != stratified_take(samples, 20, seed=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -21,6 +21,7 @@ from .bundle import Bundle, Predictions, bundle_probabilities
 from .classify import evaluate, threshold_predictions
 from .data import IMAGE_EXTENSIONS, Dataset, Sample, content_id
 from .errors import ConfigError, DatasetError
+from .text import text_table
 
 __all__ = ["Evaluation", "check_classes", "collect_images", "evaluate_bundle", "format_metrics",
            "format_predictions", "predict_images", "write_evaluation"]
@@ -137,11 +138,7 @@ def format_metrics(m: dict) -> str:
     lines.append("")
     rows = [[c, f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", str(v["support"])]
             for c, v in m["per_class"].items()]
-    header = ["class", "precision", "recall", "F1", "support"]
-    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
-    fmt = lambda cells: "  ".join(c.ljust(w) if j == 0 else c.rjust(w)  # noqa: E731
-                                  for j, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    lines += [fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    lines.append(text_table(rows, ["class", "precision", "recall", "F1", "support"], right={1, 2, 3, 4}))
     return "\n".join(lines)
 
 
@@ -156,8 +153,8 @@ def write_evaluation(ev: Evaluation, bundle: Bundle, out_dir) -> dict[str, Path]
     when the bundle's manifest records the comparison it won
     (``comparison``: a list of rows), that table.
     """
-    from .report import (atomic_write_text, plot_confusion_matrix, plot_reliability_diagram, save_metrics_json,
-                         write_html_report)
+    from .files import atomic_write_text
+    from .report import plot_confusion_matrix, plot_reliability_diagram, save_metrics_json, write_html_report
     out = Path(out_dir)
     classes = bundle.classes
     paths = {"metrics": out / "metrics.json", "confusion": out / "confusion_matrix.png",
@@ -347,7 +344,4 @@ def format_predictions(rows: list[dict], fmt: str = "table", *, top_k: int = 1,
         else:
             note = ""
         body.append(cells + [note])
-    widths = [max(len(c[j]) for c in [header, *body]) for j in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(body, header)

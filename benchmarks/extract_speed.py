@@ -146,8 +146,14 @@ def startup(backbone, weights, n=64):
     from featx.quantize import ModelStore
     out = {}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import featx.cli, featx.extract"], check=True)
-    out["import featx.cli + torch (new process)"] = time.perf_counter() - t0
+    subprocess.run([sys.executable, "-c", "import os, featx.cli, featx.extract; os._exit(0)"], check=True)
+    out["new process: import featx and torch"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import os, featx.cli, featx.extract, featx.backbones as b; "
+                    "b.registry(); os._exit(0)"], check=True)
+    out["new process: the same + the backbone registry (torchvision)"] = time.perf_counter() - t0
+    featx.backbones.registry()   # the parts below are timed with their modules imported, as in a command
+    __import__("onnxruntime.quantization")
     t0 = time.perf_counter()
     lb = featx.load_backbone(backbone, weights)
     out["build the network, load weights"] = time.perf_counter() - t0

@@ -519,9 +519,12 @@ def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weigh
 def _calibration(bundle: Bundle, spec):
     """An int8 spec's calibration: its id, and the ranges the bundle keeps
     (None for other precisions)."""
-    from .quantize import Calibration, QuantizationError, check_ranges
+    from .quantize import CALIBRATION_ID, Calibration, QuantizationError, check_ranges
     if spec.precision != "int8":
         return None
+    if not CALIBRATION_ID.fullmatch(spec.calibration):
+        raise BundleError(f"{bundle.path}: its int8 calibration id {spec.calibration!r} is not one featx makes; "
+                          "train the model again")
     ranges = (bundle.manifest.get("int8") or {}).get(spec.calibration)
     try:
         return Calibration(spec.calibration, [], None if ranges is None else check_ranges(ranges, bundle.path.name))

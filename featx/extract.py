@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import queue
@@ -478,7 +479,7 @@ def _unique_samples(samples: list[Sample]) -> list[Sample]:
 
 
 @dataclass
-class Plan:
+class ExtractPlan:
     """What an extraction has to do, worked out under the entries' lock."""
     unique: list[Sample]             # the images asked for, each content once
     todo: list[Sample]               # those missing from at least one entry
@@ -489,7 +490,7 @@ class Plan:
 @contextlib.contextmanager
 def planned(cache: FeatureCache, specs: list[FeatureSpec], samples: list[Sample], notify):
     """Lock ``specs``' entries, merge what a killed run left, and yield the
-    :class:`Plan`; the lock is held until the block ends. Shared by the
+    :class:`ExtractPlan`; the lock is held until the block ends. Shared by the
     local and the Dask extraction, so both resume and skip alike."""
     unique = _unique_samples(samples)
     with cache.locked([s.key for s in specs], notify=notify):
@@ -517,7 +518,7 @@ def planned(cache: FeatureCache, specs: list[FeatureSpec], samples: list[Sample]
         needed = [spec for spec, h in zip(specs, have) if not h.all()]
         if todo:
             cache.check_writable(f"{len(todo)} of the {len(unique)} images have no features there yet")
-        yield Plan(unique, todo, needed, resumed)
+        yield ExtractPlan(unique, todo, needed, resumed)
 
 
 _SPEC_OPTIONS = ("weights", "layers", "pool", "precision", "storage", "seed", "resolved", "feature_format")
@@ -544,12 +545,13 @@ def extract(dataset: Dataset | list[Sample], specs: Specs | str | None = None, r
     notify = notify or (lambda msg: None)
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
     samples = dataset.samples if isinstance(dataset, Dataset) else list(dataset)
+    given = calibration is not None
     specs, calibration = _calibrated(specs, samples, calibration, cache)
     try:
         return _extract(dataset, samples, specs, run, cache, notify, loaded, calibration)
     except QuantizationError as e:
-        if calibration.samples == [] and calibration.ranges is None:
-            raise   # a bundle's int8 features, whose model is not here: fp32 would not be them
+        if given or (calibration.samples == [] and calibration.ranges is None):
+            raise   # a bundle's int8 features (or another calibration's): fp32 would not be them
         fp32 = specs.with_specs([dataclasses.replace(p, precision="fp32", calibration="") for p in specs.specs])
         notify(f"{e}; extracting in fp32 instead (entries {', '.join(p.key for p in fp32.specs)})")
         return _extract(dataset, samples, fp32, run, cache, notify, loaded, None)
@@ -569,14 +571,21 @@ def specs_and_run(specs: Specs | str | None, run: RunOptions | None, backbone: s
         raise TypeError(f"{caller}() needs specs (from feature_specs) or a backbone name")
     if run is None:
         run = RunOptions(**{k: v for k, v in options.items() if k in _RUN_OPTIONS})
+    elif any(k in _RUN_OPTIONS for k in options):
+        raise TypeError(f"{caller}(): give run options in RunOptions, not beside it")
     if isinstance(specs, str):
         return feature_specs(specs, device=run.device, **{k: v for k, v in options.items() if k in _SPEC_OPTIONS}), run
     if any(k in _SPEC_OPTIONS for k in options):
         raise TypeError(f"{caller}(): give spec options to feature_specs(), not with ready Specs")
+    pre = specs.weights.preprocess.as_dict()
     for spec in specs.specs:   # ready specs (a bundle's): what feature_specs would have checked
         _check_computable(spec.format)
-        if spec.weights != specs.weights.identity:
-            raise ConfigError(f"{spec.key}: made with weights {spec.weights}, not {specs.weights.identity}")
+        made = (spec.backbone, spec.weights, spec.preprocess)
+        if made != (specs.info.name, specs.weights.identity, pre) or spec.pool not in POOLS \
+                or spec.precision not in PRECISIONS or spec.storage not in STORAGES:
+            raise ConfigError(f"features {spec.canonical()} are not what this featx computes from "
+                              f"{specs.info.name} with weights {specs.weights.identity} (preprocess {pre}); "
+                              "train the model again")
     return specs, run
 
 
@@ -638,7 +647,7 @@ def _extract(dataset, samples: list[Sample], specs: Specs, run: RunOptions, cach
                          extracted, plan.resumed, skipped, time.perf_counter() - t0, str(dev), str(cache.root), used)
 
 
-def _space_needed(cache: FeatureCache, plan: Plan) -> int:
+def _space_needed(cache: FeatureCache, plan: ExtractPlan) -> int:
     """Bytes an extraction of ``plan`` still needs: its part files, plus
     the segment they are merged into (committed rows are never copied)."""
     need = 0
@@ -895,6 +904,9 @@ class OnnxForward:
         now (ranges measured on the calibration images, or the given ones)."""
         from . import quantize as q
         model_key, ranges_key = f".{calibration.id}.int8.onnx", f".{calibration.id}.ranges.json"
+        if calibration.ranges is not None:   # a bundle's: its own name, never taken for a measured calibration
+            given = hashlib.sha256(json.dumps(calibration.ranges, sort_keys=True).encode()).hexdigest()[:16]
+            model_key, ranges_key = f".{calibration.id}-given-{given}.int8.onnx", None
         int8 = store.get(net_id, model_key) if store is not None else None
         if int8 is None:
             images = _decode_all([s.path for s in calibration.samples], lb.preprocess, feature_format)
@@ -909,7 +921,10 @@ class OnnxForward:
                     raise q.QuantizationError(f"{self.name}: int8 features differ from fp32 ones by "
                                               f"{self.relative_error:.2f} (relative) on calibration images")
             if store is not None:
-                store.put(net_id, ranges_key, json.dumps(ranges).encode())
+                if ranges_key is not None:   # with what they were measured on, for bundles (quantize.bundle_ranges)
+                    record = {"backbone": lb.info.name, "weights": lb.weights.identity,
+                              "preprocess": lb.preprocess.as_dict(), "format": feature_format}
+                    store.put(net_id, ranges_key, json.dumps({**ranges, "featx_network": record}).encode())
                 store.put(net_id, model_key, int8)
         else:
             session = self._session(int8, "the int8 network")

@@ -39,7 +39,9 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -68,6 +70,11 @@ MAX_RELATIVE_ERROR = 0.5
 OP_TYPES = ("Conv", "MatMul", "Gemm", "Add", "Relu", "Clip", "MaxPool", "Concat")
 EXPORT_VERSION = 1            # how featx exports a network to ONNX (opset, input names)
 OPSET = 17
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+CALIBRATION_ID = re.compile(r"[0-9a-f]{16}")   # what calibration_id() makes
+MAX_RANGES_BYTES = 4 << 20                     # a bundle's ranges: ~25 KB for ResNet-50
 
 
 class QuantizationError(BackboneError):
@@ -150,7 +157,12 @@ class ModelStore:
         self.root = Path(root) / "onnx"
 
     def path(self, net_id: str, suffix: str) -> Path:
-        return self.root / f"{net_id}{suffix}"
+        """The file of ``net_id`` + ``suffix``; names that are not plain file
+        names (a bundle's calibration id with ``/`` or ``..``) are refused."""
+        name = f"{net_id}{suffix}"
+        if not _SAFE_NAME.fullmatch(name) or ".." in name:
+            raise QuantizationError(f"{name!r} is not a model store file name")
+        return self.root / name
 
     def get(self, net_id: str, suffix: str) -> bytes | None:
         """The file's bytes, or None when it is missing or does not match the
@@ -250,9 +262,9 @@ def quantize(fp32: bytes, images: np.ndarray | None, ranges: dict | None, name: 
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except (ImportError, OSError) as e:
         raise QuantizationError(f"{name}: ONNX Runtime's quantization tools do not load ({e})") from e
-    if ranges is not None and "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
-        raise QuantizationError(f"{name}: this ONNX Runtime cannot quantize with given ranges; "
-                                "pip install -U onnxruntime")
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:   # ranges in, ranges out
+        raise QuantizationError(f"{name}: this ONNX Runtime is too old for featx's int8 (it cannot save or reuse "
+                                "calibration ranges); pip install -U onnxruntime")
     import logging
     with tempfile.TemporaryDirectory(prefix="featx-int8-") as d:
         src, pre, out, cal = (os.path.join(d, f) for f in ("fp32.onnx", "pre.onnx", "int8.onnx", "ranges.json"))
@@ -297,13 +309,18 @@ def bundle_ranges(cache_root, specs) -> dict:
         merged = None
         for path in sorted(store.root.glob(f"{spec.backbone}-*.{spec.calibration}.ranges.json")):
             data = store.get(path.name[: -len(f".{spec.calibration}.ranges.json")], f".{spec.calibration}.ranges.json")
-            if data is None:
+            ranges = json.loads(data) if data is not None else {}
+            if ranges.get("featx_network") != network_record(spec):   # another network's (weights, format)
                 continue
-            ranges = json.loads(data)
             merged = ranges if merged is None else {**merged, "data": {**merged["data"], **ranges["data"]}}
         if merged is not None:
-            out[spec.calibration] = merged
+            out[spec.calibration] = {k: v for k, v in merged.items() if k != "featx_network"}
     return out
+
+
+def network_record(spec) -> dict:
+    """What, besides the layers, decides a network's ranges: kept beside them."""
+    return {"backbone": spec.backbone, "weights": spec.weights, "preprocess": spec.preprocess, "format": spec.format}
 
 
 def check_ranges(ranges, name: str) -> dict:
@@ -315,9 +332,20 @@ def check_ranges(ranges, name: str) -> dict:
         if isinstance(v, list):
             return all(plain(x) for x in v)
         return v is None or isinstance(v, (str, int, float, bool))
-    if not isinstance(ranges, dict) or not isinstance(ranges.get("data"), dict) or not plain(ranges):
-        raise QuantizationError(f"{name}: the int8 calibration ranges are not plain tensor ranges")
+    if not isinstance(ranges, dict) or not isinstance(ranges.get("data"), dict) or not plain(ranges) \
+            or len(json.dumps(ranges)) > MAX_RANGES_BYTES or not _finite(ranges["data"]):
+        raise QuantizationError(f"{name}: the int8 calibration ranges are not plain, finite tensor ranges")
     return ranges
+
+
+def _finite(v) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, dict):
+        return all(_finite(x) for x in v.values())
+    if isinstance(v, list):
+        return all(_finite(x) for x in v)
+    return True
 
 
 def relative_error(want: list[np.ndarray], got: list[np.ndarray]) -> float:

@@ -81,8 +81,11 @@ def test_damaged_stored_model_is_made_again(folder_dataset, tmp_path):
 
 
 def test_failed_quantization_falls_back_to_fp32_with_one_notice(folder_dataset, tmp_path, monkeypatch):
+    import functools
+
     import onnxruntime.quantization as ortq
 
+    @functools.wraps(ortq.quantize_static)   # the real signature: only running it fails
     def broken(*a, **k):
         raise RuntimeError("no kernel for you")
     monkeypatch.setattr(ortq, "quantize_static", broken)
@@ -128,6 +131,26 @@ def test_int8_bundle_predicts_where_the_store_never_saw_the_calibration(split_da
     assert [r["label"] for r in got] == [r["label"] for r in want]
     np.testing.assert_allclose([r["probability"] for r in got], [r["probability"] for r in want], atol=1e-5)
     assert list((tmp_path / "fresh" / "onnx").glob("*.int8.onnx"))
+    # an edited bundle: a calibration id that walks out of the store, ranges that are not finite numbers,
+    # a spec this featx does not compute: one line each, nothing written anywhere
+    import shutil
+    for name, edit, says in (
+            ("walk", lambda m: m["features"].update(spec=m["features"]["spec"].replace(cal, "../../../../x")),
+             "is not one featx makes"),
+            ("nan", lambda m: m["int8"][cal]["data"].update({t: {"lowest": float("nan"), "highest": 1.0}
+                                                             for t in m["int8"][cal]["data"]}),
+             "not plain, finite tensor ranges"),
+            ("crop", lambda m: m["features"].update(spec=m["features"]["spec"].replace('"crop":224', '"crop":999')),
+             "are not what this featx computes")):
+        bad = tmp_path / f"{name}.featx"
+        shutil.copytree(out, bad)
+        m = json.loads((bad / "manifest.json").read_text())
+        edit(m)
+        (bad / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(featx.errors.FeatxError, match=says):
+            featx.predict(bad, paths, cache=tmp_path / name, progress=False)
+        assert not (tmp_path / name / "onnx").exists() or not list((tmp_path / name / "onnx").glob("*int8*"))
+    assert not list(tmp_path.parent.glob("*.int8.onnx")) and not (tmp_path.parent.parent / "x.int8.onnx").exists()
     with pytest.raises(featx.errors.ConfigError, match=r"^--runtime torch cannot compute int8, and m.featx was "
                                                        r"trained on int8 features: use --runtime onnx \(or auto\)$"):
         featx.predict(out, paths, cache=cache, progress=False, runtime="torch")

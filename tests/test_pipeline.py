@@ -400,4 +400,9 @@ def test_an_int8_pipeline_knows_its_keys_before_extracting_and_reruns_nothing(pr
     assert r.exit_code == 0, r.output
     assert "[extract] resnet18 flatten (avg, int8): cached (24 images)" in r.stderr
     assert _summary_tail(r.stdout) == "computed: nothing; reused: 1 feature set, 1 model, 1 evaluation, 1 report"
-    assert json.loads((project / "out" / "best.featx" / "manifest.json").read_text())["features"]["key"] == entry
+    bundle = json.loads((project / "out" / "best.featx" / "manifest.json").read_text())
+    assert bundle["features"]["key"] == entry          # and it keeps its ranges, to predict anywhere
+    assert list(bundle["int8"]) == [json.loads(bundle["features"]["spec"])["calibration"]]
+    (project / "p.toml").write_text(toml.replace("[engine]\n", '[engine]\nkind = "dask"\n'))
+    r = run("run", "p.toml")
+    assert r.exit_code == 1 and "engine.kind: Dask workers do not run int8 (backbones[0].precision)" in r.output

@@ -357,8 +357,12 @@ def _check_engine(where, engine, backbones):
                                                "use auto or cpu") from None
     else:                            # the workers' devices are not known here: auto counts as the CPU
         dev = torch.device("cpu" if device == "auto" else device)
-    if engine["runtime"] != "onnx" and engine["compile"] != "on":
-        return                       # torch, compiled or not, runs with every device and precision
+    int8 = [i for i, b in enumerate(backbones) if b["precision"] == "int8"]
+    if int8 and engine["kind"] != "local":
+        raise where.error("engine.kind", f"Dask workers do not run int8 (backbones[{int8[0]}].precision); "
+                                         "use kind = \"local\" or precision fp32")
+    if engine["runtime"] != "onnx" and engine["compile"] != "on" and not int8:
+        return                       # torch, compiled or not, runs with every device and float precision
     keys = {"runtime": "engine.runtime", "device": "engine.device", "compile": "engine.compile"}
     for i, b in enumerate(backbones):
         names = {**keys, "precision": f"backbones[{i}].precision"}

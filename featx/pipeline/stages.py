@@ -301,6 +301,7 @@ def _best_bundle(plan: Plan, best: _Candidate, bundle_path: Path):
     from .. import safemodel
     from ..bundle import linear_manifest, save_bundle
     from ..cache import FeatureSpec
+    from ..quantize import bundle_ranges
     from ..train import FeatureSet, fit_from_record
     p, ds, manifest = plan.pipeline, plan.dataset, plan.manifest
     if best.model_id == "finetune":
@@ -317,7 +318,8 @@ def _best_bundle(plan: Plan, best: _Candidate, bundle_path: Path):
         parts.append((spec, bb.rw, bb.config["weights"]))
     m = linear_manifest(classes=ds.classes, spec=FeatureSet(tuple(specs)), weights_spec=parts[0][2],
                         resolved=parts[0][1], seed=p.dataset["seed"], dims=record["dims"], fit=fit,
-                        pca=p.classifiers["pca"], dataset=ds, test_metrics=record.get("test"), parts=parts)
+                        pca=p.classifiers["pca"], dataset=ds, test_metrics=record.get("test"), parts=parts,
+                        int8=bundle_ranges(plan.cache_dir, specs))
     m["pipeline"] = {"file": str(p.path.resolve()), "model": best.model_id}
     save_bundle(bundle_path, m, pipe)
 

@@ -87,7 +87,8 @@ def _probe_start(mode: str, info: BackboneInfo, rw: ResolvedWeights, weights: st
     ids = list(dict.fromkeys(s.id for s in train + val))
     spec = None
     for precision in dict.fromkeys(["fp32", resolve_precision("auto", str(device))]):
-        _, _, specs = feature_specs(info.name, weights, [info.default_layer], "avg", precision, seed=seed)
+        _, _, specs = feature_specs(info.name, layers=[info.default_layer], pool="avg", precision=precision,
+                                    seed=seed, resolved=rw)   # the run's weights, resolved once
         if set(ids) <= set(cache.ids(specs[0].key)):
             spec = specs[0]
             break
@@ -95,7 +96,7 @@ def _probe_start(mode: str, info: BackboneInfo, rw: ResolvedWeights, weights: st
     if spec is None:
         notify(f"linear-probe start: extracting {info.default_layer} features of the train and val images "
                "(one frozen pass; they stay in the cache)")
-        report = extract(train + val, info.name, weights=weights, layers=[info.default_layer], pool="avg",
+        report = extract(train + val, info.name, resolved=rw, layers=[info.default_layer], pool="avg",
                          precision="fp32" if device.type == "cpu" else "auto", cache=cache, progress=progress,
                          seed=seed, notify=notify, loaded=lb, device=str(device))
         spec, extracted = report.specs[0], report.n_extracted

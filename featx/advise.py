@@ -219,7 +219,7 @@ def measure(ds, backbone: str = "mobilenet_v2", *, weights: str = "auto", cache=
     """
     from .backbones import get_backbone, resolve_weights
     from .cache import FeatureCache
-    from .extract import _SPEC_OPTIONS, extract, feature_specs
+    from .extract import extract, feature_specs, split_options
     info = get_backbone(backbone)
     rw = resolve_weights(info, weights, seed=seed)
     if "train" not in ds.splits:
@@ -231,11 +231,10 @@ def measure(ds, backbone: str = "mobilenet_v2", *, weights: str = "auto", cache=
     top, earlier, head = info.default_layer, earlier_layer(backbone), info.head
     layers = list(dict.fromkeys([top, earlier, head]))
     cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    spec_options, run_options = split_options(extract_options)
     specs = feature_specs(info.name, layers=layers, seed=seed, resolved=rw,   # the weights resolved above, once
-                          device=extract_options.get("device", "auto"),
-                          **{k: v for k, v in extract_options.items() if k in _SPEC_OPTIONS})
-    report = extract(chosen, specs, cache=cache, progress=progress, notify=notify,
-                     **{k: v for k, v in extract_options.items() if k not in _SPEC_OPTIONS})
+                          device=extract_options.get("device", "auto"), **spec_options)
+    report = extract(chosen, specs, cache=cache, progress=progress, notify=notify, **run_options)
     have = set(cache.ids(report.specs[0].key))
     chosen = [s for s in chosen if s.id in have]
     if not chosen:

@@ -525,6 +525,12 @@ _SPEC_OPTIONS = ("weights", "layers", "pool", "precision", "storage", "seed", "r
 _RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(RunOptions))
 
 
+def split_options(options: dict) -> tuple[dict, dict]:
+    """Keywords of :func:`extract` as ``(what feature_specs takes, the rest)``."""
+    return ({k: v for k, v in options.items() if k in _SPEC_OPTIONS},
+            {k: v for k, v in options.items() if k not in _SPEC_OPTIONS})
+
+
 def extract(dataset: Dataset | list[Sample], specs: Specs | str | None = None, run: RunOptions | None = None, *,
             cache: FeatureCache | str | os.PathLike = "cache", notify=None, loaded: LoadedBackbone | None = None,
             calibration=None, backbone: str | None = None, **options) -> ExtractReport:
@@ -574,7 +580,7 @@ def specs_and_run(specs: Specs | str | None, run: RunOptions | None, backbone: s
     elif any(k in _RUN_OPTIONS for k in options):
         raise TypeError(f"{caller}(): give run options in RunOptions, not beside it")
     if isinstance(specs, str):
-        return feature_specs(specs, device=run.device, **{k: v for k, v in options.items() if k in _SPEC_OPTIONS}), run
+        return feature_specs(specs, device=run.device, **split_options(options)[0]), run
     if any(k in _SPEC_OPTIONS for k in options):
         raise TypeError(f"{caller}(): give spec options to feature_specs(), not with ready Specs")
     pre = specs.weights.preprocess.as_dict()
@@ -880,7 +886,7 @@ class OnnxForward:
                 store.put(net_id, ".onnx", fp32)
         else:
             self.session = self._session(fp32, "the exported network")
-        self.precision, self.relative_error = "fp32", 0.0
+        self.precision = "fp32"
         if calibration is not None:
             self._quantize(lb, fp32, calibration, store, net_id, feature_format)
 
@@ -916,14 +922,14 @@ class OnnxForward:
                                       calibration.ranges, self.name)
             session = self._session(int8, "the int8 network")
             if len(images):   # how far int8 strays from fp32, on real images
-                self.relative_error = q.relative_error(self(images[:32]), self._outputs(session, images[:32]))
-                if not self.relative_error <= q.MAX_RELATIVE_ERROR:
+                err = q.relative_error(self(images[:32]), self._outputs(session, images[:32]))
+                if not err <= q.MAX_RELATIVE_ERROR:
                     raise q.QuantizationError(f"{self.name}: int8 features differ from fp32 ones by "
-                                              f"{self.relative_error:.2f} (relative) on calibration images")
+                                              f"{err:.2f} (relative) on calibration images")
             if store is not None:
                 if ranges_key is not None:   # with what they were measured on, for bundles (quantize.bundle_ranges)
-                    record = {"backbone": lb.info.name, "weights": lb.weights.identity,
-                              "preprocess": lb.preprocess.as_dict(), "format": feature_format}
+                    record = q.network_record(lb.info.name, lb.weights.identity, lb.preprocess.as_dict(),
+                                              feature_format)
                     store.put(net_id, ranges_key, json.dumps({**ranges, "featx_network": record}).encode())
                 store.put(net_id, model_key, int8)
         else:
@@ -960,14 +966,13 @@ class OnnxForward:
 
 
 def _decode_all(paths, pre: Preprocess, feature_format: int) -> np.ndarray:
-    """``paths`` decoded and preprocessed as extraction does, as one uint8
-    NCHW array (unreadable images left out)."""
-    files = ImageFiles(list(paths), pre, feature_format=feature_format)
-    items = [files[i] for i in range(len(files))]
-    kept = [x for x, _, err in items if not err]
-    if not kept:
-        return np.zeros((0, 3, pre.crop, pre.crop), dtype=np.uint8)
-    return torch.stack(kept).numpy()
+    """``paths`` decoded and preprocessed as extraction does (the same
+    :class:`~featx.inference.ImageBatches` loop, in this process), as one
+    uint8 NCHW array; unreadable images are left out."""
+    with ImageBatches(list(paths), pre, batch_size=64, workers=0, report=False, progress=False,
+                      feature_format=feature_format) as batches:
+        kept = [images.numpy() for images, _ in batches]
+    return np.concatenate(kept) if kept else np.zeros((0, 3, pre.crop, pre.crop), dtype=np.uint8)
 
 
 def make_forward(lb: LoadedBackbone, layers: list[str], pool: str, device: torch.device, precision: str, *,

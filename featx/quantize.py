@@ -18,7 +18,8 @@ How ``--precision int8`` works
    (what ONNX Runtime recommends for x86 CPUs with VNNI). Measured on
    MobileNetV2 over clothing-small, percentile ranges lose 0.27 points of a
    linear probe's test accuracy where min/max ranges lose 1.34; they take
-   about 40 s to measure instead of 7, once per network and calibration. Convolutions, matmuls and what fuses into them run in int8;
+   about 40 s to measure instead of 7, once per network and calibration.
+   Convolutions, matmuls and what fuses into them run in int8;
    normalisation, pooling and flattening stay fp32 (:data:`OP_TYPES`).
 3. **The store.** ``<cache>/onnx/`` keeps the fp32 export (keyed by the
    network: backbone, weights identity, layers, pooling, preprocessing,
@@ -310,7 +311,8 @@ def bundle_ranges(cache_root, specs) -> dict:
         for path in sorted(store.root.glob(f"{spec.backbone}-*.{spec.calibration}.ranges.json")):
             data = store.get(path.name[: -len(f".{spec.calibration}.ranges.json")], f".{spec.calibration}.ranges.json")
             ranges = json.loads(data) if data is not None else {}
-            if ranges.get("featx_network") != network_record(spec):   # another network's (weights, format)
+            if ranges.get("featx_network") != network_record(spec.backbone, spec.weights, spec.preprocess,
+                                                             spec.format):   # another network's (weights, format)
                 continue
             merged = ranges if merged is None else {**merged, "data": {**merged["data"], **ranges["data"]}}
         if merged is not None:
@@ -318,9 +320,10 @@ def bundle_ranges(cache_root, specs) -> dict:
     return out
 
 
-def network_record(spec) -> dict:
-    """What, besides the layers, decides a network's ranges: kept beside them."""
-    return {"backbone": spec.backbone, "weights": spec.weights, "preprocess": spec.preprocess, "format": spec.format}
+def network_record(backbone: str, weights: str, preprocess: dict, feature_format: int) -> dict:
+    """What, besides the layers, decides a network's ranges: stored with them
+    (by :class:`featx.extract.OnnxForward`), matched against a spec here."""
+    return {"backbone": backbone, "weights": weights, "preprocess": preprocess, "format": feature_format}
 
 
 def check_ranges(ranges, name: str) -> dict:

@@ -432,9 +432,8 @@ def _extract_requests(ds, requests: Sequence[Request], *, weights_for, cache: Fe
     for r in requests:
         for b, layer in r:
             layers.setdefault(b, []).append(layer or get_backbone(b).default_layer)
-    from .extract import _SPEC_OPTIONS
-    spec_options = {k: v for k, v in extract_options.items() if k in _SPEC_OPTIONS}
-    run_options = {k: v for k, v in extract_options.items() if k not in _SPEC_OPTIONS}
+    from .extract import split_options
+    spec_options, run_options = split_options(extract_options)
     # every backbone/layer/weights problem before hours of work; the weights are resolved here, once
     resolved = {b: feature_specs(b, weights_for(b), list(dict.fromkeys(ls)), seed=seed,
                                  device=extract_options.get("device", "auto"), **spec_options)

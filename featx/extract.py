@@ -917,7 +917,12 @@ class OnnxForward:
         if int8 is None:
             images = _decode_all([s.path for s in calibration.samples], lb.preprocess, feature_format)
             if calibration.ranges is None and not len(images):
-                raise q.QuantizationError(f"{self.name}: no readable calibration image")
+                where = store.root if store is not None else "the model store"
+                why = ("none of its calibration images could be read" if calibration.samples else
+                       "there are neither its calibration images nor its ranges here (a bundle without "
+                       "ranges predicts with the cache it was trained with: --cache)")
+                raise q.QuantizationError(f"{self.name}: the int8 model of calibration {calibration.id} is not in "
+                                          f"{where}, and {why}")
             int8, ranges = q.quantize(fp32, None if calibration.ranges is not None else images,
                                       calibration.ranges, self.name)
             session = self._session(int8, "the int8 network")

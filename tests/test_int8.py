@@ -141,7 +141,9 @@ def test_int8_bundle_predicts_where_the_store_never_saw_the_calibration(split_da
                                                              for t in m["int8"][cal]["data"]}),
              "not plain, finite tensor ranges"),
             ("crop", lambda m: m["features"].update(spec=m["features"]["spec"].replace('"crop":224', '"crop":999')),
-             "are not what this featx computes")):
+             "are not what this featx computes"),
+            ("noranges", lambda m: m.pop("int8"), r"a bundle without ranges predicts with the cache it was "
+                                                  r"trained with: --cache\)$")):
         bad = tmp_path / f"{name}.featx"
         shutil.copytree(out, bad)
         m = json.loads((bad / "manifest.json").read_text())

@@ -452,7 +452,7 @@ def check_runtime(options: dict):
     if options.get("runtime") == "onnx" or options.get("precision") == "int8":
         from .extract import resolve_device, resolve_precision, resolve_runtime
         device = options.get("device") or "auto"
-        resolve_runtime(options.get("runtime") or "auto", resolve_device(device),
+        resolve_runtime(options.get("runtime") or "auto", resolve_device(device, options.get("precision")),
                         resolve_precision(options.get("precision") or "auto", device), 0,
                         options.get("compile_mode", "auto"))
 

@@ -326,10 +326,13 @@ def _block_names(model: nn.Module, nodes: list[str]) -> list[str]:
 # orchestration
 
 
-def resolve_device(device: str | None) -> torch.device:
+def resolve_device(device: str | None, precision: str | None = None) -> torch.device:
+    """``auto``: a CUDA GPU when there is one, else the CPU; with ``precision``
+    int8 always the CPU (int8 runs on ONNX Runtime's CPU provider only; an
+    explicit ``cuda`` with int8 is refused by :func:`resolve_runtime`)."""
     device = (device or "auto").lower()
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if precision != "int8" and torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is available here; use --device cpu or auto")
     if device not in ("cpu",) and not device.startswith("cuda"):
@@ -436,7 +439,7 @@ class RunOptions:
         """The device; bad or clashing options raise before any work."""
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
-        dev = resolve_device(self.device)
+        dev = resolve_device(self.device, precision)
         resolve_runtime(self.runtime, dev, precision, 0, self.compile)
         return dev
 
@@ -611,7 +614,7 @@ def _calibrated(specs: Specs, samples: list[Sample], calibration, cache: Feature
     if specs.specs[0].precision != "int8":
         return specs, None
     given = specs.specs[0].calibration
-    if calibration is None:
+    if calibration is None:   # reads the store, writes nothing (OnnxForward records the calibration)
         calibration = calibration_for(samples, specs.seed, ModelStore(cache.root),
                                       f"{specs.info.name}:{specs.weights.identity}")
         if given and given != calibration.id:   # made on other images: only the store can have it
@@ -914,6 +917,12 @@ class OnnxForward:
             given = hashlib.sha256(json.dumps(calibration.ranges, sort_keys=True).encode()).hexdigest()[:16]
             model_key, ranges_key = f".{calibration.id}-given-{given}.int8.onnx", None
         int8 = store.get(net_id, model_key) if store is not None else None
+        # a measured calibration's failure is recorded: later runs fall back to fp32 at once
+        measured = store is not None and calibration.ranges is None
+        version = getattr(self._ort, "__version__", "unknown")
+        if int8 is None and measured and (failed := store.failure(net_id, calibration.id, version)):
+            raise q.QuantizationError(f"{failed}, in an earlier run (delete "
+                                      f"{store.failure_path(net_id, calibration.id, version)} to try int8 again)")
         if int8 is None:
             images = _decode_all([s.path for s in calibration.samples], lb.preprocess, feature_format)
             if calibration.ranges is None and not len(images):
@@ -923,14 +932,20 @@ class OnnxForward:
                        "ranges predicts with the cache it was trained with: --cache)")
                 raise q.QuantizationError(f"{self.name}: the int8 model of calibration {calibration.id} is not in "
                                           f"{where}, and {why}")
-            int8, ranges = q.quantize(fp32, None if calibration.ranges is not None else images,
-                                      calibration.ranges, self.name)
-            session = self._session(int8, "the int8 network")
-            if len(images):   # how far int8 strays from fp32, on real images
-                err = q.relative_error(self(images[:32]), self._outputs(session, images[:32]))
-                if not err <= q.MAX_RELATIVE_ERROR:
-                    raise q.QuantizationError(f"{self.name}: int8 features differ from fp32 ones by "
-                                              f"{err:.2f} (relative) on calibration images")
+            try:
+                int8, ranges = q.quantize(fp32, None if calibration.ranges is not None else images,
+                                          calibration.ranges, self.name)
+                session = self._session(int8, "the int8 network")
+                if len(images):   # how far int8 strays from fp32, on real images
+                    err = q.relative_error(self(images[:32]), self._outputs(session, images[:32]))
+                    if not err <= q.MAX_RELATIVE_ERROR:
+                        raise q.QuantizationError(f"{self.name}: int8 features differ from fp32 ones by "
+                                                  f"{err:.2f} (relative) on calibration images")
+            except q.QuantizationError as e:
+                # not when the quantization tools did not even load (installing them is the fix)
+                if measured and not isinstance(e.__cause__, (ImportError, OSError)):
+                    store.add_failure(net_id, calibration.id, version, str(e))
+                raise
             if store is not None:
                 if ranges_key is not None:   # with what they were measured on, for bundles (quantize.bundle_ranges)
                     record = q.network_record(lb.info.name, lb.weights.identity, lb.preprocess.as_dict(),
@@ -939,6 +954,8 @@ class OnnxForward:
                 store.put(net_id, model_key, int8)
         else:
             session = self._session(int8, "the int8 network")
+        if measured:   # written when int8 runs, never by a plan: a dataset that grows keeps this calibration
+            store.add_calibration(calibration.network, calibration)
         self.session, self.precision = session, "int8"
 
     @staticmethod

@@ -31,7 +31,10 @@ How ``--precision int8`` works
 A quantization that fails, or whose features stray too far from fp32's
 (relative error above :data:`MAX_RELATIVE_ERROR` on calibration images), is
 raised as :class:`QuantizationError`; :func:`featx.extract.extract` then
-extracts in fp32 instead, into fp32 entries, with a one-line notice.
+extracts in fp32 instead, into fp32 entries, with a one-line notice. The
+failure is recorded in the store (:meth:`ModelStore.add_failure`: network,
+calibration and ONNX Runtime version), so later runs fall back at once with
+the same notice, naming the ``.failed`` file to delete to try again.
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ class Calibration:
     id: str
     samples: list = field(default_factory=list)
     ranges: dict | None = None
+    network: str = ""    # backbone and weights identity: what the store's calibration record is filed under
 
 
 def calibration_for(samples, seed: int = 0, store: "ModelStore | None" = None, network: str = "") -> Calibration:
@@ -123,16 +127,17 @@ def calibration_for(samples, seed: int = 0, store: "ModelStore | None" = None, n
     splits): the seeded sample of its train images; but when ``store`` holds
     a calibration of ``network`` (backbone and weights identity) whose images
     are all among them, that one, so a dataset that grows keeps its int8
-    entries (a new sample would mean a new key, every row again)."""
+    entries (a new sample would mean a new key, every row again).
+
+    Nothing is written here (plans and dry runs call it): the calibration is
+    recorded in the store when its int8 model is made or used
+    (:meth:`ModelStore.add_calibration`, from :class:`featx.extract.OnnxForward`)."""
     by_id = {s.id: s for s in samples if getattr(s, "split", None) == "train"} or {s.id: s for s in samples}
     for cal_id, ids in (store.calibrations(network) if store is not None else []):
         if all(i in by_id for i in ids):
-            return Calibration(cal_id, [by_id[i] for i in ids])
+            return Calibration(cal_id, [by_id[i] for i in ids], network=network)
     chosen = calibration_sample(samples, seed)
-    cal = Calibration(calibration_id(s.id for s in chosen), chosen)
-    if store is not None:
-        store.add_calibration(network, cal)
-    return cal
+    return Calibration(calibration_id(s.id for s in chosen), chosen, network=network)
 
 
 # --------------------------------------------------------------------------
@@ -189,12 +194,45 @@ class ModelStore:
         return out
 
     def add_calibration(self, network: str, cal: Calibration) -> None:
+        """Record ``cal`` (measured on images: a bundle's ranges are not) as a
+        calibration of ``network``, once: a record already there keeps its age
+        (:meth:`calibrations` prefers the oldest)."""
+        path = self.root / "calibrations" / f"{cal.id}.json"
+        if not network or not cal.samples or cal.ranges is not None or any(c == cal.id for c, _ in
+                                                                            self.calibrations(network)):
+            return
         try:
-            (self.root / "calibrations").mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.root / "calibrations" / f"{cal.id}.json", json.dumps(
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(
                 {"network": network, "settings": SETTINGS, "ids": sorted(s.id for s in cal.samples)}) + "\n")
         except OSError:
             pass
+
+    def failure_path(self, net_id: str, cal_id: str, ort_version: str) -> Path:
+        """Where a failed quantization of ``net_id`` with calibration ``cal_id``
+        under ONNX Runtime ``ort_version`` is recorded."""
+        return self.path(net_id, f".{cal_id}.ort-{re.sub(r'[^A-Za-z0-9.]', '_', ort_version)}.failed")
+
+    def failure(self, net_id: str, cal_id: str, ort_version: str) -> str | None:
+        """The one-line reason a quantization failed before, or None."""
+        try:
+            rec = json.loads(self.failure_path(net_id, cal_id, ort_version).read_text())
+        except (OSError, ValueError):
+            return None
+        reason = rec.get("reason") if isinstance(rec, dict) else None
+        return " ".join(reason.split()) if isinstance(reason, str) and reason.strip() else None
+
+    def add_failure(self, net_id: str, cal_id: str, ort_version: str, reason: str) -> Path | None:
+        """Record that quantizing failed (``reason``, one line), so later runs
+        fall back to fp32 at once; None when the store cannot be written."""
+        path = self.failure_path(net_id, cal_id, ort_version)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({"network": net_id, "calibration": cal_id, "onnxruntime": ort_version,
+                                                "reason": " ".join(reason.split())}) + "\n")
+        except OSError:
+            return None
+        return path
 
     def put(self, net_id: str, suffix: str, data: bytes) -> None:
         """Keep ``data``; a store that cannot be written (read-only cache, full

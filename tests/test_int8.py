@@ -87,7 +87,9 @@ def test_failed_quantization_falls_back_to_fp32_with_one_notice(folder_dataset, 
 
     @functools.wraps(ortq.quantize_static)   # the real signature: only running it fails
     def broken(*a, **k):
+        calls.append(1)
         raise RuntimeError("no kernel for you")
+    calls = []
     monkeypatch.setattr(ortq, "quantize_static", broken)
     ds = open_dataset(folder_dataset)
     notes = []
@@ -99,8 +101,26 @@ def test_failed_quantization_falls_back_to_fp32_with_one_notice(folder_dataset, 
     keys = FeatureCache(tmp_path / "c").keys()
     assert keys == [spec.key] and not any("int8" in k for k in keys)
     assert not list((tmp_path / "c" / "onnx").glob("*int8*"))
+    assert not (tmp_path / "c" / "onnx" / "calibrations").exists()   # no int8 ran: no calibration to keep
     fp32 = extract(ds, precision="fp32", cache=tmp_path / "c", **SMALL)
     assert fp32.keys == rep.keys and fp32.n_extracted == 0
+    # the failure is recorded (network, calibration, ONNX Runtime version): the next run does not quantize again
+    import onnxruntime
+    (failed,) = (tmp_path / "c" / "onnx").glob("*.failed")
+    record = json.loads(failed.read_text())
+    assert calls == [1] and record["onnxruntime"] == onnxruntime.__version__
+    assert record["calibration"] == quantize.calibration_for(ds.samples).id and "no kernel for you" in record["reason"]
+    assert failed.name == f"{record['network']}.{record['calibration']}.ort-{onnxruntime.__version__}.failed"
+    notes.clear()
+    again = extract(ds, precision="int8", cache=tmp_path / "c", notify=notes.append, **SMALL)
+    assert calls == [1] and again.keys == rep.keys and again.n_extracted == 0
+    (line,) = [n for n in notes if "int8" in n]
+    assert "\n" not in line and "no kernel for you" in line and "extracting in fp32 instead" in line
+    assert f"in an earlier run (delete {failed} to try int8 again)" in line
+    # deleting the record tries again
+    failed.unlink()
+    extract(ds, precision="int8", cache=tmp_path / "c", notify=notes.append, **SMALL)
+    assert calls == [1, 1] and failed.exists()
 
 
 def test_int8_option_clashes_are_one_line_errors(folder_dataset, tmp_path):
@@ -161,6 +181,7 @@ def test_int8_bundle_predicts_where_the_store_never_saw_the_calibration(split_da
 def test_a_growing_dataset_keeps_its_calibration(folder_dataset, tmp_path):
     cache = tmp_path / "c"
     first = extract(open_dataset(folder_dataset), precision="int8", cache=cache, **SMALL)
+    assert [p.stem for p in (cache / "onnx" / "calibrations").iterdir()] == [first.specs[0].calibration]
     for i in range(6):   # new photos; some would enter a fresh seeded sample
         make_image(folder_dataset / "red" / f"new_{i}.png", (200, 40, 40), seed=900 + i)
     ds = open_dataset(folder_dataset)
@@ -170,3 +191,42 @@ def test_a_growing_dataset_keeps_its_calibration(folder_dataset, tmp_path):
     # another cache knows no calibration: the dataset's own seeded sample
     other = extract(ds, precision="int8", cache=tmp_path / "other", **SMALL)
     assert other.specs[0].calibration == quantize.calibration_for(ds.samples).id
+
+
+def test_planning_int8_keys_writes_nothing(folder_dataset, tmp_path):
+    from featx.extract import calibrated
+    ds = open_dataset(folder_dataset)
+    cache = tmp_path / "c"
+    planned = calibrated(feature_specs("resnet18", "none", precision="int8"), ds.samples, cache)
+    assert planned.specs[0].calibration == quantize.calibration_for(ds.samples).id
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+    # the extraction the plan foresaw: those keys, and only now the calibration is recorded
+    rep = extract(ds, planned, cache=cache, batch_size=4, workers=0, progress=False)
+    assert rep.keys == [s.key for s in planned.specs]
+    assert (cache / "onnx" / "calibrations" / f"{planned.specs[0].calibration}.json").exists()
+
+
+def test_int8_with_device_auto_runs_on_the_cpu_even_with_a_gpu(folder_dataset, tmp_path, monkeypatch):
+    import torch
+
+    from featx.cli import check_runtime
+    from featx.extract import RunOptions, resolve_device
+    from featx.pipeline import load_pipeline
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # a GPU machine, for the resolvers only
+    assert resolve_device("auto").type == "cuda" and resolve_device("auto", "fp32").type == "cuda"
+    assert resolve_device("auto", "int8") == torch.device("cpu")
+    assert RunOptions(device="auto").check("int8") == torch.device("cpu")
+    check_runtime({"precision": "int8", "device": "auto"})             # no "use --device cpu"
+    toml = (f'[dataset]\npath = "{folder_dataset}"\n\n[[backbones]]\nname = "resnet18"\nweights = "none"\n'
+            f'layers = ["flatten"]\nprecision = "int8"\n\n[output]\ndir = "{tmp_path / "out"}"\n\n'
+            '[engine]\ndevice = "auto"\n')
+    (tmp_path / "p.toml").write_text(toml)
+    assert load_pipeline(tmp_path / "p.toml").backbones[0]["precision"] == "int8"
+    # an explicit GPU with int8 stays a one-line error, before the dataset is read
+    with pytest.raises(featx.errors.ConfigError, match=r"^--precision int8 runs on the CPU \(ONNX Runtime\); "
+                                                       r"use --device cpu$"):
+        RunOptions(device="cuda").check("int8")
+    r = CliRunner().invoke(main, ["extract", str(tmp_path / "nowhere"), "-b", "resnet18", "--weights", "none",
+                                  "--precision", "int8", "--device", "cuda", "--cache", str(tmp_path / "c")])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        "Error: --precision int8 runs on the CPU (ONNX Runtime); use --device cpu"]

@@ -366,8 +366,10 @@ def _check_engine(where, engine, backbones):
     keys = {"runtime": "engine.runtime", "device": "engine.device", "compile": "engine.compile"}
     for i, b in enumerate(backbones):
         names = {**keys, "precision": f"backbones[{i}].precision"}
+        # auto is the CPU for int8 (ONNX Runtime's CPU provider), whatever the other backbones get
+        bdev = resolve_device(device, b["precision"]) if engine["kind"] == "local" else dev
         try:
-            resolve_runtime(engine["runtime"], dev, resolve_precision(b["precision"], str(dev)), 0,
+            resolve_runtime(engine["runtime"], bdev, resolve_precision(b["precision"], str(bdev)), 0,
                             engine["compile"], names=names)
         except RunOptionsError as e:
             raise ConfigError(f"{where.path}: {e}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -230,3 +231,83 @@ def test_int8_with_device_auto_runs_on_the_cpu_even_with_a_gpu(folder_dataset, t
                                   "--precision", "int8", "--device", "cuda", "--cache", str(tmp_path / "c")])
     assert r.exit_code == 1 and r.output.strip().splitlines() == [
         "Error: --precision int8 runs on the CPU (ONNX Runtime); use --device cpu"]
+
+
+def test_top_k_keeps_exactly_the_largest_values_batch_by_batch():
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal(n).astype(np.float32) for n in (5, 300, 1, 0, 1000, 40)]
+    for k in (1, 7, 64, 2000):
+        top = quantize._TopK(k)
+        for b in batches:
+            top.add(b)
+        want = np.sort(np.concatenate(batches))[-k:]
+        np.testing.assert_array_equal(np.sort(top.kept), want)
+
+
+def _tiny_onnx(path):
+    """A real exported network with a signed tensor (Conv) and a non-negative one (Relu)."""
+    import torch
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 3, 8, 8),), str(path), input_names=["images"],
+                          dynamic_axes={"images": {0: "n"}}, opset_version=quantize.OPSET, dynamo=False)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    quant_pre_process(str(path), str(path), skip_symbolic_shape=True)
+    return net
+
+
+def test_measured_ranges_are_the_percentile_of_every_images_values(tmp_path):
+    """The ranges are the exact PERCENTILE of |x| over all images (clipped to
+    the observed min and max), whatever the batch size; and they agree with
+    ONNX Runtime's own (histogram) percentile calibrator."""
+    import onnx
+    import onnxruntime as ort
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path)
+    images = np.random.default_rng(1).standard_normal((20, 3, 8, 8)).astype(np.float32) * 3
+    got = quantize.measure_ranges(str(path), images, batch=3)
+    assert got == quantize.measure_ranges(str(path), images, batch=20)
+    # every intermediate tensor, computed by brute force
+    model = onnx.load(str(path))
+    model.graph.output.extend(model.graph.value_info)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, sess.run(names, {"images": images})))
+    assert set(got["data"]) == set(values) | {"images"}
+    signed = nonneg = 0
+    for t, r in got["data"].items():
+        v = (images if t == "images" else values[t]).reshape(-1).astype(np.float64)
+        a = np.sort(np.abs(v))
+        cut = a[int(np.ceil(quantize.PERCENTILE / 100 * a.size)) - 1]
+        if v.min() < 0:
+            signed += 1
+            assert r["lowest"] == pytest.approx(max(-cut, v.min()), rel=1e-6)
+        else:
+            nonneg += 1
+            assert r["lowest"] == pytest.approx(v.min(), abs=1e-7)
+        assert r["highest"] == pytest.approx(min(cut, v.max()), rel=1e-6)
+    assert signed and nonneg
+    # ONNX Runtime's histogram calibrator estimates the same numbers
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    class Reader:
+        def __init__(self):
+            self.done = False
+
+        def get_next(self):
+            if self.done:
+                return None
+            self.done = True
+            return {"images": images}
+
+    cal = create_calibrator(str(path), list(quantize.OP_TYPES), augmented_model_path=str(tmp_path / "aug.onnx"),
+                            calibrate_method=CalibrationMethod.Percentile,
+                            extra_options={"percentile": quantize.PERCENTILE})
+    cal.collect_data(Reader())
+    theirs = cal.compute_data()
+    for t, r in got["data"].items():
+        lo, hi = (float(x) for x in theirs[t].range_value)
+        assert hi == pytest.approx(r["highest"], rel=0.02, abs=1e-3)
+        assert lo == pytest.approx(r["lowest"], rel=0.02, abs=1e-3)

@@ -344,7 +344,19 @@ def test_plan_run_and_reuse(project):
 
 
 @pytest.mark.slow
-def test_finetune_stage_runs_and_is_reused(project):
+def test_finetune_stage_runs_and_is_reused(project, monkeypatch):
+    import sys
+
+    import featx.backbones
+    import featx.finetune.trainer
+    callers = []
+    real = featx.backbones.resolve_weights
+
+    def counted(*args, **kwargs):   # the real resolver; who called it is noted
+        callers.append(sys._getframe(1).f_code.co_name)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(featx.backbones, "resolve_weights", counted)
+    monkeypatch.setattr(featx.finetune.trainer, "resolve_weights", counted)
     text = PIPELINE.replace('["layer3", "flatten"]', '["flatten"]').replace('"linear-svm"', '"knn"') \
         .replace("logreg = [0.01, 0.1]", "logreg = [0.1]")
     text = text.replace("jobs = 1", "jobs = 1\nworkers = 0")
@@ -357,6 +369,9 @@ def test_finetune_stage_runs_and_is_reused(project):
     rows = json.loads((project / "out" / "metrics.json").read_text())["comparison"]
     assert sorted(x["classifier"] for x in rows) == ["finetune", "knn", "logreg"]
     assert (project / "out" / "finetune.featx" / "manifest.json").is_file()
+    # weights are resolved once, at load (the [[backbones]] table's, which [finetune] shares):
+    # neither the plan's stage key nor the trainer resolves them again
+    assert callers and not {"_finetune_inputs", "_plan"} & set(callers), callers
     r = run("run", "p.toml", "-q")
     assert _summary_tail(r.output) == ("computed: nothing; reused: 1 feature set, 2 models, 1 fine-tuned model, "
                                        "1 evaluation, 1 report")

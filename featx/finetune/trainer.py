@@ -214,9 +214,9 @@ class _Plan:
 
 
 def _plan(ds: Dataset, backbone: str, weights: str, cfg: FinetuneConfig, *, device: str, seed: int, workers,
-          out: Path, work_dir) -> _Plan:
+          out: Path, work_dir, resolved: ResolvedWeights | None = None) -> _Plan:
     info = get_backbone(backbone)
-    rw = resolve_weights(info, weights, seed=seed)
+    rw = resolved if resolved is not None else resolve_weights(info, weights, seed=seed)
     pretrained = rw.kind != "none"
     dev = resolve_device(device)
     cfg = cfg.resolved(pretrained, dev)
@@ -524,7 +524,8 @@ def finetune(ds: Dataset, backbone: str, out, *, weights: str = "auto", epochs: 
              image_size: int | None = None, warmup: float = 0.3, seed: int = 0, workers: int | None = None,
              cache="cache", work_dir=None, restart: bool = False, progress: bool = True, notify=None,
              on_epoch_end: Callable[[dict, nn.Module], None] | None = None,
-             on_start: Callable[[str], None] | None = None) -> FinetuneResult:
+             on_start: Callable[[str], None] | None = None,
+             resolved: ResolvedWeights | None = None) -> FinetuneResult:
     """Fine-tune ``backbone`` on ``ds`` and write the bundle ``out``.
 
     Parameters
@@ -577,6 +578,9 @@ def finetune(ds: Dataset, backbone: str, out, *, weights: str = "auto", epochs: 
         ``on_start(header)`` once the train/val split is known, before any
         epoch: one line saying what is trained (backbone, weights, images,
         the BatchNorm rule).
+    resolved : ResolvedWeights, optional
+        ``resolve_weights(backbone, weights, seed=seed)`` when the caller has
+        it already (a pipeline resolves once, at load); not resolved again.
 
     Returns
     -------
@@ -592,7 +596,8 @@ def finetune(ds: Dataset, backbone: str, out, *, weights: str = "auto", epochs: 
                          probe=probe, precision=precision, patience=patience, max_train_images=max_train_images,
                          image_size=image_size, warmup=warmup)
     out = check_destination(out)
-    plan = _plan(ds, backbone, weights, cfg, device=device, seed=seed, workers=workers, out=out, work_dir=work_dir)
+    plan = _plan(ds, backbone, weights, cfg, device=device, seed=seed, workers=workers, out=out, work_dir=work_dir,
+                 resolved=resolved)
     if on_start is not None:
         # what is trained, before any epoch line (so a piped log reads in order)
         on_start(plan.header)

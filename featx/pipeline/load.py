@@ -323,11 +323,12 @@ def _resolve_finetune(where, ft, backbones, base, seed):
     """The backbone (default: the first [[backbones]]) and its weights (default: that table's)."""
     if ft["backbone"] is None:
         ft["backbone"] = backbones[0]["name"]
-    if ft["weights"] is None:
-        same = next((b for b in backbones if b["name"] == ft["backbone"]), None)
-        ft["weights"] = same["weights"] if same else "auto"
-    else:
-        ft["weights"], _ = _resolve_weights_at(where, "finetune.weights", ft["backbone"], ft["weights"], base, seed)
+    same = next((b for b in backbones if b["name"] == ft["backbone"]), None)
+    if ft["weights"] is None and same is not None:   # that table's, already resolved
+        ft["weights"], ft["_weights"] = same["weights"], same["_weights"]
+    else:   # resolved once, here: the plan keys the stage by it and the trainer loads it
+        ft["weights"], ft["_weights"] = _resolve_weights_at(where, "finetune.weights", ft["backbone"],
+                                                            ft["weights"] or "auto", base, seed)
     if ft["freeze_epochs"] is not None and ft["freeze_epochs"] > ft["epochs"]:
         raise where.error("finetune.freeze_epochs", f"{ft['freeze_epochs']} must be at most finetune.epochs ({ft['epochs']})")
 

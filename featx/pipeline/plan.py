@@ -164,7 +164,7 @@ def _feature_sets(plan_backbones, fused) -> list:
 def _finetune_inputs(p: Pipeline, digest: str) -> dict:
     from ..backbones import resolve_weights
     ft = p.finetune
-    rw = resolve_weights(ft["backbone"], ft["weights"], seed=p.dataset["seed"])
+    rw = ft.get("_weights") or resolve_weights(ft["backbone"], ft["weights"], seed=p.dataset["seed"])
     return {"data": digest, "backbone": ft["backbone"], "weights": rw.identity, "seed": p.dataset["seed"],
             "settings": {k: ft[k] for k in FINETUNE_ARGS}}
 

@@ -260,7 +260,7 @@ def _stage_finetune(plan: Plan, progress, notify, events) -> _Candidate | None:
     from ..finetune import finetune
     ft, e = p.finetune, p.engine
     notify(f"[finetune] {item.name}")
-    result = finetune(ds, ft["backbone"], bundle, weights=ft["weights"],
+    result = finetune(ds, ft["backbone"], bundle, weights=ft["weights"], resolved=ft.get("_weights"),
                       **{k: ft[k] for k in FINETUNE_ARGS if ft[k] is not None},
                       device=e["device"], seed=p.dataset["seed"], workers=e["workers"], cache=plan.cache_dir,
                       work_dir=p.out_dir / "finetune.work", restart="finetune" in plan.force,

@@ -519,7 +519,7 @@ def _linear_probabilities(bundle: Bundle, samples: list, *, cache="cache", weigh
 def _calibration(bundle: Bundle, spec):
     """An int8 spec's calibration: its id, and the ranges the bundle keeps
     (None for other precisions)."""
-    from .quantize import CALIBRATION_ID, Calibration, QuantizationError, check_ranges
+    from .quantize import APPLY, CALIBRATION_ID, Calibration, QuantizationError, check_ranges
     if spec.precision != "int8":
         return None
     if not CALIBRATION_ID.fullmatch(spec.calibration):
@@ -527,9 +527,15 @@ def _calibration(bundle: Bundle, spec):
                           "train the model again")
     ranges = (bundle.manifest.get("int8") or {}).get(spec.calibration)
     try:
-        return Calibration(spec.calibration, [], None if ranges is None else check_ranges(ranges, bundle.path.name))
+        ranges = None if ranges is None else check_ranges(ranges, bundle.path.name)
     except QuantizationError as e:
         raise BundleError(f"{bundle.path}: {e}; train the model again") from None
+    # ranges made for another way of quantizing (a later featx's, say) would give other features;
+    # bundles made before this was recorded quantized as featx does now
+    if ranges is not None and ranges.get("featx_apply", APPLY) != APPLY:
+        raise BundleError(f"{bundle.path}: its int8 ranges were made for another int8 quantization "
+                          f"({ranges['featx_apply']}); predict with the featx that trained it, or train again")
+    return Calibration(spec.calibration, [], ranges)
 
 
 @dataclass(frozen=True)

@@ -911,19 +911,22 @@ class OnnxForward:
     def _quantize(self, lb: LoadedBackbone, fp32: bytes, calibration, store, net_id: str, feature_format: int):
         """Swap the fp32 session for the int8 one: from the store, or quantized
         now (ranges measured on the calibration images, or the given ones)."""
+        from . import __version__
         from . import quantize as q
         model_key, ranges_key = f".{calibration.id}.int8.onnx", f".{calibration.id}.ranges.json"
         if calibration.ranges is not None:   # a bundle's: its own name, never taken for a measured calibration
             given = hashlib.sha256(json.dumps(calibration.ranges, sort_keys=True).encode()).hexdigest()[:16]
             model_key, ranges_key = f".{calibration.id}-given-{given}.int8.onnx", None
         int8 = store.get(net_id, model_key) if store is not None else None
+        # a stored model this ONNX Runtime cannot load is made again
+        session = self._int8_session(int8, q) if int8 is not None else None
         # a measured calibration's failure is recorded: later runs fall back to fp32 at once
         measured = store is not None and calibration.ranges is None
-        version = getattr(self._ort, "__version__", "unknown")
-        if int8 is None and measured and (failed := store.failure(net_id, calibration.id, version)):
+        version = f"{getattr(self._ort, '__version__', 'unknown')}+featx{__version__}"
+        if session is None and measured and (failed := store.failure(net_id, calibration.id, version)):
             raise q.QuantizationError(f"{failed}, in an earlier run (delete "
                                       f"{store.failure_path(net_id, calibration.id, version)} to try int8 again)")
-        if int8 is None:
+        if session is None:
             images = _decode_all([s.path for s in calibration.samples], lb.preprocess, feature_format)
             if calibration.ranges is None and not len(images):
                 where = store.root if store is not None else "the model store"
@@ -934,29 +937,51 @@ class OnnxForward:
                                           f"{where}, and {why}")
             try:
                 int8, ranges = q.quantize(fp32, None if calibration.ranges is not None else images,
-                                          calibration.ranges, self.name)
-                session = self._session(int8, "the int8 network")
+                                          calibration.ranges, self.name, threads=self.threads)
+                session = self._int8_session(int8, q, strict=True)
                 if len(images):   # how far int8 strays from fp32, on real images
-                    err = q.relative_error(self(images[:32]), self._outputs(session, images[:32]))
-                    if not err <= q.MAX_RELATIVE_ERROR:
-                        raise q.QuantizationError(f"{self.name}: int8 features differ from fp32 ones by "
-                                                  f"{err:.2f} (relative) on calibration images")
+                    self._check_int8(session, images[:32], q)
             except q.QuantizationError as e:
-                # not when the quantization tools did not even load (installing them is the fix)
-                if measured and not isinstance(e.__cause__, (ImportError, OSError)):
+                if measured and not q.is_transient(e):   # no memory, no disk, tools missing: the next run may work
                     store.add_failure(net_id, calibration.id, version, str(e))
                 raise
             if store is not None:
                 if ranges_key is not None:   # with what they were measured on, for bundles (quantize.bundle_ranges)
                     record = q.network_record(lb.info.name, lb.weights.identity, lb.preprocess.as_dict(),
                                               feature_format)
-                    store.put(net_id, ranges_key, json.dumps({**ranges, "featx_network": record}).encode())
+                    store.put(net_id, ranges_key, json.dumps({**ranges, "featx_network": record,
+                                                             "featx_apply": q.APPLY}).encode())
                 store.put(net_id, model_key, int8)
-        else:
-            session = self._session(int8, "the int8 network")
         if measured:   # written when int8 runs, never by a plan: a dataset that grows keeps this calibration
             store.add_calibration(calibration.network, calibration)
         self.session, self.precision = session, "int8"
+
+    def _int8_session(self, model: bytes, q, strict: bool = False):
+        """The session of an int8 model; one ONNX Runtime cannot start is a
+        :class:`~featx.quantize.QuantizationError` (``strict``: fp32 takes
+        over) or None (a stored model: it is made again)."""
+        try:
+            return self._session(model, "the int8 network")
+        except BackboneError as e:
+            if not strict:
+                return None
+            why = e.__cause__ or e
+            raise q.QuantizationError(f"{self.name}: ONNX Runtime cannot run the int8 network "
+                                      f"({type(why).__name__}: {str(why).splitlines()[0][:160] if str(why) else ''})"
+                                      ) from e
+
+    def _check_int8(self, session, images: np.ndarray, q) -> None:
+        """int8 features of ``images`` near fp32's, or :class:`~featx.quantize.QuantizationError`."""
+        try:
+            got = self._outputs(session, images)
+        except Exception as e:  # noqa: BLE001 - a kernel that fails at run time, say
+            raise q.QuantizationError(f"{self.name}: the int8 network fails on calibration images "
+                                      f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+                                      ) from e
+        err = q.relative_error(self(images), got)
+        if not err <= q.MAX_RELATIVE_ERROR:
+            raise q.QuantizationError(f"{self.name}: int8 features differ from fp32 ones by "
+                                      f"{err:.2f} (relative) on calibration images")
 
     @staticmethod
     def _outputs(session, images: np.ndarray) -> list[np.ndarray]:

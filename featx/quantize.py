@@ -66,7 +66,7 @@ from .errors import BackboneError
 from .files import atomic_write_bytes, atomic_write_text
 
 __all__ = ["CALIBRATION_IMAGES", "Calibration", "ModelStore", "QuantizationError", "bundle_ranges",
-           "calibration_for", "calibration_id", "calibration_sample", "measure_ranges"]
+           "calibration_for", "calibration_id", "calibration_sample", "is_transient", "measure_ranges"]
 
 CALIBRATION_IMAGES = 128      # images whose activations set the int8 ranges
 QUANT_VERSION = 2             # bump when the settings below change: new keys, new models
@@ -74,13 +74,16 @@ PERCENTILE = 99.99            # activation ranges: this percentile of the calibr
 SETTINGS = {"format": "QDQ", "activations": "uint8", "weights": "int8 per channel",
             "calibration": f"percentile {PERCENTILE} of |x|", "version": QUANT_VERSION}
 # int8 features of the calibration images against fp32 ones, ||int8 - fp32|| / ||fp32||;
-# measured 0.12 for MobileNetV2 and EfficientNet-Lite0 (real weights) on clothing-small:
+# measured 0.12-0.13 for MobileNetV2 and EfficientNet-Lite0 (real weights) on clothing-small:
 # above this, quantization broke the network
 MAX_RELATIVE_ERROR = 0.5
 # what runs in int8: the convolutions and matmuls, and what ONNX Runtime fuses
 # into them (activations, residual adds, max pooling); pooling to features,
 # flattening and normalisation stay fp32, so features never pass an 8-bit output
 OP_TYPES = ("Conv", "MatMul", "Gemm", "Add", "Relu", "Clip", "MaxPool", "Concat")
+# how ranges become an int8 model: what a bundle's ranges were made for (checked when it predicts)
+APPLY = {"format": "QDQ", "activations": "uint8", "weights": "int8 per channel", "ops": list(OP_TYPES),
+         "fp32": "outside the backbone"}
 EXPORT_VERSION = 1            # how featx exports a network to ONNX (opset, input names)
 OPSET = 17
 
@@ -197,16 +200,20 @@ class ModelStore:
                 rec = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
+            cal_id = path.name.split(".")[0]   # <id>.<network digest>.json (records before: <id>.json)
             if isinstance(rec, dict) and rec.get("network") == network and rec.get("settings") == SETTINGS \
-                    and isinstance(rec.get("ids"), list) and calibration_id(rec["ids"]) == path.stem:
-                out.append((path.stem, rec["ids"]))
+                    and isinstance(rec.get("ids"), list) and calibration_id(rec["ids"]) == cal_id:
+                out.append((cal_id, rec["ids"]))
         return out
 
     def add_calibration(self, network: str, cal: Calibration) -> None:
         """Record ``cal`` (measured on images: a bundle's ranges are not) as a
         calibration of ``network``, once: a record already there keeps its age
-        (:meth:`calibrations` prefers the oldest)."""
-        path = self.root / "calibrations" / f"{cal.id}.json"
+        (:meth:`calibrations` prefers the oldest). Its file is named by the
+        calibration and the network, so two backbones calibrated on the same
+        images keep a record each."""
+        digest = hashlib.blake2b(network.encode(), digest_size=8).hexdigest()
+        path = self.root / "calibrations" / f"{cal.id}.{digest}.json"
         if not network or not cal.samples or cal.ranges is not None or any(c == cal.id for c, _ in
                                                                             self.calibrations(network)):
             return
@@ -298,7 +305,10 @@ class _TopK:
             self.floor = float(kept.min())
 
 
-def measure_ranges(model_path: str, images: np.ndarray, batch: int = 8) -> dict:
+MEASURE_BYTES = 1 << 30   # measure_ranges: at most about this much activation memory per pass
+
+
+def measure_ranges(model_path: str, images: np.ndarray, threads: int | None = None) -> dict:
     """Activation ranges of the model at ``model_path`` over ``images``, in
     ONNX Runtime's calibration-cache format, for ``quantize_static``.
 
@@ -306,16 +316,19 @@ def measure_ranges(model_path: str, images: np.ndarray, batch: int = 8) -> dict:
     ONNX Runtime's own calibrator measures), the range is
     ``(max(min x, -t), min(max x, t))``, or ``(min x, min(max x, t))`` when
     ``x`` is never negative, where ``t`` is the exact :data:`PERCENTILE`
-    of ``|x|`` over all the images. This is what ONNX Runtime's percentile
-    calibrator estimates from 2048-bin histograms: its ranges agree with
-    these within 0.2% on MobileNetV2. This version runs the network once per
-    ``batch`` images with its graph optimised and keeps only each tensor's
-    largest values; ONNX Runtime keeps every intermediate output of every
-    image in memory, runs the graph unoptimised and histograms it all, which
-    is about 6x slower."""
+    of ``|x|`` over all the images (values that are not finite left out).
+    This is what ONNX Runtime's percentile calibrator estimates from
+    2048-bin histograms: its ranges agree with these within 0.2% on
+    MobileNetV2. This version runs the optimised graph on a few images at a
+    time (as many as keep every activation under :data:`MEASURE_BYTES`, at
+    most 8) and keeps only each tensor's largest values; ONNX Runtime keeps
+    every intermediate output of every image in memory, runs the graph
+    unoptimised and histograms it all, which is about 6x slower."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto
+    if not len(images):
+        raise QuantizationError("no calibration image to measure int8 ranges on")
     model = onnx.load(model_path)
     graph = model.graph
     infos = {v.name: v for v in [*graph.value_info, *graph.output, *graph.input]}
@@ -328,24 +341,54 @@ def measure_ranges(model_path: str, images: np.ndarray, batch: int = 8) -> dict:
     graph.output.extend(infos[t] for t in names if t not in outputs)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")   # decode workers share the cores
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     low, high, top = {t: np.inf for t in names}, {t: -np.inf for t in names}, {}
-    for at in range(0, len(images), batch):
+    at, batch = 0, 1   # the first image alone: its activations' size sets the batch
+    while at < len(images):
         x = images[at:at + batch]
-        for t, v in zip(names, session.run(names, {"images": x})):
+        outs = session.run(names, {"images": x})
+        for t, v in zip(names, outs):
             v = np.asarray(v, dtype=np.float32).reshape(-1)
             if t not in top:   # keep as many values as lie above the percentile over all images
                 total = v.size // len(x) * len(images)
                 top[t] = _TopK(max(1, total - math.ceil(PERCENTILE / 100 * total) + 1))
-            low[t], high[t] = min(low[t], float(v.min())), max(high[t], float(v.max()))
+            lo, hi = v.min(initial=np.inf), v.max(initial=-np.inf)
+            if not (np.isfinite(lo) and np.isfinite(hi)):   # NaN or inf: measured on the finite values
+                v = v[np.isfinite(v)]
+                lo, hi = v.min(initial=np.inf), v.max(initial=-np.inf)
+            low[t], high[t] = min(low[t], float(lo)), max(high[t], float(hi))
             top[t].add(np.abs(v))
+        if at == 0:
+            per_image = sum(o.nbytes for o in outs) / len(x)
+            batch = int(max(1, min(8, MEASURE_BYTES // max(per_image, 1))))
+        at += len(x)
     data = {}
     for t in names:
+        if not top[t].kept.size:
+            raise QuantizationError(f"tensor {t} has no finite value on the calibration images")
         cut = float(top[t].kept.min())
         data[t] = {"lowest": low[t] if low[t] >= 0 else max(-cut, low[t]), "highest": min(cut, high[t]),
                    "CLS": "TensorData"}
     return {"CLS": "TensorsData", "data": data,
             "calibration_method": {"CLS": "CalibrationMethod", "value": "CalibrationMethod.Percentile"}}
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is one the next run may not
+    meet: no memory, no disk, a tool that does not load. Such a failed
+    quantization is not recorded as permanent."""
+    words = ("out of memory", "bad_alloc", "failed to allocate", "no space left", "disk quota")
+    seen: BaseException | None = error
+    for _ in range(20):   # a chain of causes, not a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, (ImportError, OSError, MemoryError)) or any(w in str(seen).lower() for w in words):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _quantize_args():
@@ -355,7 +398,8 @@ def _quantize_args():
                 weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.Percentile)
 
 
-def quantize(fp32: bytes, images: np.ndarray | None, ranges: dict | None, name: str) -> tuple[bytes, dict]:
+def quantize(fp32: bytes, images: np.ndarray | None, ranges: dict | None, name: str,
+             threads: int | None = None) -> tuple[bytes, dict]:
     """The int8 (QDQ) model of ``fp32`` and the ranges it was made with:
     measured on ``images`` (uint8 NCHW), or ``ranges`` given (a bundle's)."""
     import inspect
@@ -368,27 +412,28 @@ def quantize(fp32: bytes, images: np.ndarray | None, ranges: dict | None, name: 
         raise QuantizationError(f"{name}: this ONNX Runtime is too old for featx's int8 (it cannot save or reuse "
                                 "calibration ranges); pip install -U onnxruntime")
     import logging
-    with tempfile.TemporaryDirectory(prefix="featx-int8-") as d:
-        src, pre, out, cal = (os.path.join(d, f) for f in ("fp32.onnx", "pre.onnx", "int8.onnx", "ranges.json"))
-        Path(src).write_bytes(fp32)
-        log = logging.getLogger()
-        level = log.level
-        try:
+    log = logging.getLogger()
+    level = log.level
+    try:   # a full temporary disk, too, is a failed quantization (fp32 takes over), not a traceback
+        with tempfile.TemporaryDirectory(prefix="featx-int8-") as d:
+            src, pre, out, cal = (os.path.join(d, f) for f in ("fp32.onnx", "pre.onnx", "int8.onnx", "ranges.json"))
+            Path(src).write_bytes(fp32)
             log.setLevel(logging.ERROR)   # ONNX Runtime's advice is logged at WARNING on the root logger
-            # its calibrators print their progress: stdout stays featx's (CSV, JSON)
+            # its tools print their progress: stdout stays featx's (CSV, JSON)
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
                 quant_pre_process(src, pre, skip_symbolic_shape=True)
-                Path(cal).write_text(json.dumps(ranges if ranges is not None else measure_ranges(pre, images)))
+                Path(cal).write_text(json.dumps(ranges if ranges is not None
+                                                else measure_ranges(pre, images, threads)))
                 quantize_static(pre, out, None, **_quantize_args(),
                                 op_types_to_quantize=list(OP_TYPES), nodes_to_exclude=_kept_fp32(pre),
                                 calibration_cache_path=cal)
-        except Exception as e:  # noqa: BLE001 - any failure of the quantizer falls back the same way
-            raise QuantizationError(f"{name}: int8 quantization failed ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
-        finally:
-            log.setLevel(level)
-        return Path(out).read_bytes(), json.loads(Path(cal).read_text())
+            return Path(out).read_bytes(), json.loads(Path(cal).read_text())
+    except Exception as e:  # noqa: BLE001 - any failure of the quantizer falls back the same way
+        raise QuantizationError(f"{name}: int8 quantization failed ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
+    finally:
+        log.setLevel(level)
 
 
 def _kept_fp32(path: str) -> list[str]:

@@ -109,9 +109,10 @@ def test_failed_quantization_falls_back_to_fp32_with_one_notice(folder_dataset, 
     import onnxruntime
     (failed,) = (tmp_path / "c" / "onnx").glob("*.failed")
     record = json.loads(failed.read_text())
-    assert calls == [1] and record["onnxruntime"] == onnxruntime.__version__
+    versions = f"{onnxruntime.__version__}+featx{featx.__version__}"   # a new featx or ONNX Runtime tries again
+    assert calls == [1] and record["onnxruntime"] == versions
     assert record["calibration"] == quantize.calibration_for(ds.samples).id and "no kernel for you" in record["reason"]
-    assert failed.name == f"{record['network']}.{record['calibration']}.ort-{onnxruntime.__version__}.failed"
+    assert failed.name == f"{record['network']}.{record['calibration']}.ort-{versions.replace('+', '_')}.failed"
     notes.clear()
     again = extract(ds, precision="int8", cache=tmp_path / "c", notify=notes.append, **SMALL)
     assert calls == [1] and again.keys == rep.keys and again.n_extracted == 0
@@ -144,7 +145,7 @@ def test_int8_bundle_predicts_where_the_store_never_saw_the_calibration(split_da
     out = featx.bundle.save_bundle(tmp_path / "m.featx", result.manifest(ds), result.fit.pipeline)
     manifest = json.loads((out / "manifest.json").read_text())
     (cal,) = manifest["int8"]
-    assert cal == result.spec.parts[0].calibration
+    assert cal == result.spec.parts[0].calibration and manifest["int8"][cal]["featx_apply"] == quantize.APPLY
     paths = [str(s.path) for s in ds.subset("test")]
     want = featx.predict(out, paths, cache=cache, progress=False)
     # a new machine: an empty cache and no stored model; the bundle's ranges rebuild the same int8 network
@@ -164,7 +165,9 @@ def test_int8_bundle_predicts_where_the_store_never_saw_the_calibration(split_da
             ("crop", lambda m: m["features"].update(spec=m["features"]["spec"].replace('"crop":224', '"crop":999')),
              "are not what this featx computes"),
             ("noranges", lambda m: m.pop("int8"), r"a bundle without ranges predicts with the cache it was "
-                                                  r"trained with: --cache\)$")):
+                                                  r"trained with: --cache\)$"),
+            ("apply", lambda m: m["int8"][cal]["featx_apply"].update(activations="int16"),
+             "made for another int8 quantization")):
         bad = tmp_path / f"{name}.featx"
         shutil.copytree(out, bad)
         m = json.loads((bad / "manifest.json").read_text())
@@ -182,7 +185,8 @@ def test_int8_bundle_predicts_where_the_store_never_saw_the_calibration(split_da
 def test_a_growing_dataset_keeps_its_calibration(folder_dataset, tmp_path):
     cache = tmp_path / "c"
     first = extract(open_dataset(folder_dataset), precision="int8", cache=cache, **SMALL)
-    assert [p.stem for p in (cache / "onnx" / "calibrations").iterdir()] == [first.specs[0].calibration]
+    records = (cache / "onnx" / "calibrations").iterdir()
+    assert [p.name.split(".")[0] for p in records] == [first.specs[0].calibration]
     for i in range(6):   # new photos; some would enter a fresh seeded sample
         make_image(folder_dataset / "red" / f"new_{i}.png", (200, 40, 40), seed=900 + i)
     ds = open_dataset(folder_dataset)
@@ -204,7 +208,7 @@ def test_planning_int8_keys_writes_nothing(folder_dataset, tmp_path):
     # the extraction the plan foresaw: those keys, and only now the calibration is recorded
     rep = extract(ds, planned, cache=cache, batch_size=4, workers=0, progress=False)
     assert rep.keys == [s.key for s in planned.specs]
-    assert (cache / "onnx" / "calibrations" / f"{planned.specs[0].calibration}.json").exists()
+    assert list((cache / "onnx" / "calibrations").glob(f"{planned.specs[0].calibration}.*.json"))
 
 
 def test_int8_with_device_auto_runs_on_the_cpu_even_with_a_gpu(folder_dataset, tmp_path, monkeypatch):
@@ -247,18 +251,20 @@ def test_top_k_keeps_exactly_the_largest_values_batch_by_batch():
 def _tiny_onnx(path):
     """A real exported network with a signed tensor (Conv) and a non-negative one (Relu)."""
     import torch
+    import inspect
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)).eval()
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (torch.zeros(1, 3, 8, 8),), str(path), input_names=["images"],
-                          dynamic_axes={"images": {0: "n"}}, opset_version=quantize.OPSET, dynamo=False)
+                          dynamic_axes={"images": {0: "n"}}, opset_version=quantize.OPSET, **legacy)
     from onnxruntime.quantization.shape_inference import quant_pre_process
     quant_pre_process(str(path), str(path), skip_symbolic_shape=True)
     return net
 
 
-def test_measured_ranges_are_the_percentile_of_every_images_values(tmp_path):
+def test_measured_ranges_are_the_percentile_of_every_images_values(tmp_path, monkeypatch):
     """The ranges are the exact PERCENTILE of |x| over all images (clipped to
     the observed min and max), whatever the batch size; and they agree with
     ONNX Runtime's own (histogram) percentile calibrator."""
@@ -267,8 +273,9 @@ def test_measured_ranges_are_the_percentile_of_every_images_values(tmp_path):
     path = tmp_path / "tiny.onnx"
     _tiny_onnx(path)
     images = np.random.default_rng(1).standard_normal((20, 3, 8, 8)).astype(np.float32) * 3
-    got = quantize.measure_ranges(str(path), images, batch=3)
-    assert got == quantize.measure_ranges(str(path), images, batch=20)
+    got = quantize.measure_ranges(str(path), images)   # 1 image, then 8 at a time
+    monkeypatch.setattr(quantize, "MEASURE_BYTES", 1)   # one image at a time
+    assert got == quantize.measure_ranges(str(path), images)
     # every intermediate tensor, computed by brute force
     model = onnx.load(str(path))
     model.graph.output.extend(model.graph.value_info)
@@ -311,3 +318,81 @@ def test_measured_ranges_are_the_percentile_of_every_images_values(tmp_path):
         lo, hi = (float(x) for x in theirs[t].range_value)
         assert hi == pytest.approx(r["highest"], rel=0.02, abs=1e-3)
         assert lo == pytest.approx(r["lowest"], rel=0.02, abs=1e-3)
+
+
+def test_measured_ranges_leave_out_values_that_are_not_finite(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    _tiny_onnx(path)
+    images = np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32)
+    clean = quantize.measure_ranges(str(path), images)
+    dirty = images.copy()
+    dirty[0, 0, 0, 0], dirty[3, 1, 2, 2] = np.nan, np.inf   # in the first image and a later one
+    got = quantize.measure_ranges(str(path), dirty)["data"]["images"]
+    assert np.isfinite([got["lowest"], got["highest"]]).all()
+    assert got["highest"] == pytest.approx(clean["data"]["images"]["highest"], rel=0.05)
+    with pytest.raises(quantize.QuantizationError, match="no calibration image"):
+        quantize.measure_ranges(str(path), images[:0])
+
+
+def test_two_networks_calibrated_on_the_same_images_keep_a_record_each(folder_dataset, tmp_path):
+    ds = open_dataset(folder_dataset)
+    store = quantize.ModelStore(tmp_path)
+    a, b = (quantize.calibration_for(ds.samples, network=n) for n in ("resnet18:none", "mobilenet_v2:none"))
+    assert a.id == b.id   # the same images and settings: the same id
+    store.add_calibration("resnet18:none", a)
+    store.add_calibration("mobilenet_v2:none", b)
+    assert [c for c, _ in store.calibrations("resnet18:none")] == [a.id]
+    assert [c for c, _ in store.calibrations("mobilenet_v2:none")] == [b.id]
+    assert len(list((tmp_path / "onnx" / "calibrations").glob("*.json"))) == 2
+
+
+def test_transient_failures_are_told_apart():
+    def chained(outer, inner):
+        try:
+            raise inner
+        except BaseException as e:
+            try:
+                raise outer from e
+            except BaseException as out:
+                return out
+    assert quantize.is_transient(chained(quantize.QuantizationError("x"), MemoryError()))
+    assert quantize.is_transient(chained(quantize.QuantizationError("x"), OSError(28, "No space left on device")))
+    assert quantize.is_transient(RuntimeError("onnxruntime: Failed to allocate memory for requested buffer"))
+    assert not quantize.is_transient(chained(quantize.QuantizationError("x"), RuntimeError("no kernel for you")))
+
+
+def test_an_int8_model_onnx_runtime_cannot_run_falls_back_and_a_stored_one_is_made_again(
+        folder_dataset, tmp_path, monkeypatch):
+    import functools
+    from pathlib import Path
+
+    import onnxruntime.quantization as ortq
+    real = ortq.quantize_static
+
+    @functools.wraps(real)   # the real quantizer, whose model this ONNX Runtime then cannot load
+    def unloadable(model_input, model_output, *a, **k):
+        real(model_input, model_output, *a, **k)
+        Path(model_output).write_bytes(b"not an onnx model")
+    monkeypatch.setattr(ortq, "quantize_static", unloadable)
+    ds = open_dataset(folder_dataset)
+    cache = tmp_path / "c"
+    notes = []
+    rep = extract(ds, precision="int8", cache=cache, notify=notes.append, **SMALL)
+    assert rep.specs[0].precision == "fp32" and rep.n_extracted == len(ds.samples)
+    (line,) = [n for n in notes if "int8" in n]
+    assert "\n" not in line and "cannot run the int8 network" in line and "use --runtime torch" not in line
+    assert len(list((cache / "onnx").glob("*.failed"))) == 1
+    monkeypatch.setattr(ortq, "quantize_static", real)
+    for f in (cache / "onnx").glob("*.failed"):
+        f.unlink()
+    good = extract(ds, precision="int8", cache=cache, **SMALL)
+    assert good.specs[0].precision == "int8"
+    # a stored model that does not load (another ONNX Runtime's, say; its checksum fits) is made again
+    (model,) = (cache / "onnx").glob("*.int8.onnx")
+    store = quantize.ModelStore(cache)
+    net_id, suffix = model.name.split(".", 1)
+    store.put(net_id, "." + suffix, b"not an onnx model")
+    FeatureCache(cache).remove(good.keys[0])
+    again = extract(ds, precision="int8", cache=cache, **SMALL)
+    assert again.specs[0].precision == "int8" and again.keys == good.keys
+    assert again.n_extracted == len(ds.samples) and model.read_bytes() != b"not an onnx model"

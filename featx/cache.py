@@ -765,7 +765,9 @@ class FeatureCache:
         if os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK)):
             return FileLock(str(path))
         where = hashlib.sha256(str(self.root.absolute()).encode()).hexdigest()[:16]
-        alt = Path(tempfile.gettempdir()) / "featx-locks" / where / f"{key}.lock"
+        # one folder per user: a shared one made by the first user is closed to the others
+        user = getattr(os, "getuid", lambda: "")()
+        alt = Path(tempfile.gettempdir()) / f"featx-locks-{user}" / where / f"{key}.lock"
         try:
             alt.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:

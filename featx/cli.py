@@ -539,7 +539,9 @@ def train_cmd(dataset, layer, classifier, grid, pca, cv, jobs, threads, final_fi
         ds = without_leaks(ds)             # what was trained and tested on, for the bundle's manifest
     fit = result.fit
     counts = ", ".join(f"{s} {n}" for s, n in result.counts.items())
-    click.echo(f"features: {result.spec.backbone} {result.spec.layer}, {result.dims} dims; {counts}")
+    precisions = sorted({part.precision for part in result.spec.parts} - {"fp32"})
+    shown = f" ({', '.join(precisions)})" if precisions else ""   # int8 (or bf16) features: said here too
+    click.echo(f"features: {result.spec.backbone} {result.spec.layer}{shown}, {result.dims} dims; {counts}")
     chosen = f"{fit.param_name}={_fmt_value(fit.chosen)}"
     if fit.score_source == "none":
         click.echo(f"{classifier}: {chosen} (no search)")

@@ -870,8 +870,9 @@ class OnnxForward:
     runtime = "onnx"
 
     def __init__(self, lb: LoadedBackbone, layers: list[str], pool: str, threads: int | None = None, *,
-                 store=None, feature_format: int = FORMAT_VERSION, calibration=None):
+                 store=None, feature_format: int = FORMAT_VERSION, calibration=None, notify=None):
         from . import quantize as q
+        self.notify = notify or (lambda msg: None)
         try:
             import onnxruntime as ort
         except (ImportError, OSError) as e:   # installed but broken (a missing shared library, say)
@@ -918,6 +919,8 @@ class OnnxForward:
             given = hashlib.sha256(json.dumps(calibration.ranges, sort_keys=True).encode()).hexdigest()[:16]
             model_key, ranges_key = f".{calibration.id}-given-{given}.int8.onnx", None
         int8 = store.get(net_id, model_key) if store is not None else None
+        if int8 is not None and ranges_key is not None and store.get(net_id, ranges_key) is None:
+            int8 = None   # its ranges are gone: made again, so bundles trained on these features carry them
         # a stored model this ONNX Runtime cannot load is made again
         session = self._int8_session(int8, q) if int8 is not None else None
         # a measured calibration's failure is recorded: later runs fall back to fp32 at once
@@ -935,6 +938,10 @@ class OnnxForward:
                        "ranges predicts with the cache it was trained with: --cache)")
                 raise q.QuantizationError(f"{self.name}: the int8 model of calibration {calibration.id} is not in "
                                           f"{where}, and {why}")
+            if calibration.ranges is None:   # seconds before the first batch: said, not silent
+                self.notify(f"{self.name}: int8: measuring activation ranges on {len(images)} calibration images "
+                            f"and quantizing (once per network and calibration; later runs load the model"
+                            f"{'' if store is None else ' from ' + str(store.root)})")
             try:
                 int8, ranges = q.quantize(fp32, None if calibration.ranges is not None else images,
                                           calibration.ranges, self.name, threads=self.threads)
@@ -949,9 +956,12 @@ class OnnxForward:
                 if ranges_key is not None:   # with what they were measured on, for bundles (quantize.bundle_ranges)
                     record = q.network_record(lb.info.name, lb.weights.identity, lb.preprocess.as_dict(),
                                               feature_format)
-                    store.put(net_id, ranges_key, json.dumps({**ranges, "featx_network": record,
-                                                             "featx_apply": q.APPLY}).encode())
-                store.put(net_id, model_key, int8)
+                    ranges = {**ranges, "featx_network": record, "featx_apply": q.APPLY}
+                    q.remember_ranges(calibration.id, ranges)   # a store that cannot be written still has them here
+                    store.put(net_id, ranges_key, json.dumps(ranges).encode())
+                if not store.put(net_id, model_key, int8):
+                    self.notify(f"{self.name}: the int8 model could not be stored in {store.root} (read-only or "
+                                "full?): the next run measures and quantizes again")
         if measured:   # written when int8 runs, never by a plan: a dataset that grows keeps this calibration
             store.add_calibration(calibration.network, calibration)
         self.session, self.precision = session, "int8"
@@ -1037,7 +1047,7 @@ def make_forward(lb: LoadedBackbone, layers: list[str], pool: str, device: torch
     if chosen == "onnx":
         try:
             return OnnxForward(lb, layers, pool, store=store, feature_format=feature_format,
-                               calibration=calibration if precision == "int8" else None)
+                               calibration=calibration if precision == "int8" else None, notify=notify)
         except BackboneError as e:
             if runtime == "onnx" or precision == "int8":
                 raise

@@ -132,7 +132,7 @@ EXTRACT = (
            "(ViT, DINOv2), avg/max: over the patch tokens.", choices=POOLS, table="backbones"),
     Option("precision", "str", "auto", "Compute precision, part of the cache key; auto: bf16/fp16 on GPU, fp32 on "
            "CPU (bf16 is faster only on CPUs with AMX/AVX512-BF16; ask for it); int8: ONNX Runtime, calibrated on "
-           "128 train images (CPU).", choices=PRECISIONS,
+           "up to 128 train images (CPU).", choices=PRECISIONS,
            table="backbones"),
     Option("storage", "str", "float32", "dtype of stored features.", choices=STORAGES, table="backbones"),
     Option("batch_size", "int", None, "Images per forward pass [default: 32 on CPU, the largest that fits (<=256) "

@@ -250,16 +250,17 @@ class ModelStore:
             return None
         return path
 
-    def put(self, net_id: str, suffix: str, data: bytes) -> None:
-        """Keep ``data``; a store that cannot be written (read-only cache, full
-        disk) only costs the next run the work again."""
+    def put(self, net_id: str, suffix: str, data: bytes) -> bool:
+        """Keep ``data``; False when the store cannot be written (read-only
+        cache, full disk): that only costs the next run the work again."""
         path = self.path(net_id, suffix)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, data)
             atomic_write_text(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest() + "\n")
         except OSError:
-            pass
+            return False
+        return True
 
 
 # --------------------------------------------------------------------------
@@ -443,19 +444,32 @@ def _kept_fp32(path: str) -> list[str]:
     return [n.name for n in onnx.load(path, load_external_data=False).graph.node if not n.name.startswith("/body/")]
 
 
+_MEASURED: list[tuple[str, dict]] = []   # (calibration id, ranges) measured in this process
+
+
+def remember_ranges(cal_id: str, ranges: dict) -> None:
+    """Keep ranges just measured for :func:`bundle_ranges`, for when the store
+    could not be written (a read-only ``cache/onnx``): a bundle trained in
+    this process still carries them."""
+    _MEASURED.append((cal_id, ranges))
+
+
 def bundle_ranges(cache_root, specs) -> dict:
     """``{calibration id: ranges}`` for the int8 ``specs`` (a bundle keeps them,
     so it predicts on machines whose store never saw the calibration images):
     the ranges of every network of that backbone and calibration in the
-    store, merged (a tensor's range is the same in each)."""
+    store, and those measured in this process, merged (a tensor's range is
+    the same in each)."""
     store, out = ModelStore(cache_root), {}
     for spec in specs:
         if spec.precision != "int8" or spec.calibration in out:
             continue
         merged = None
+        stored = []
         for path in sorted(store.root.glob(f"{spec.backbone}-*.{spec.calibration}.ranges.json")):
             data = store.get(path.name[: -len(f".{spec.calibration}.ranges.json")], f".{spec.calibration}.ranges.json")
-            ranges = json.loads(data) if data is not None else {}
+            stored.append(json.loads(data) if data is not None else {})
+        for ranges in stored + [r for c, r in _MEASURED if c == spec.calibration]:
             if ranges.get("featx_network") != network_record(spec.backbone, spec.weights, spec.preprocess,
                                                              spec.format):   # another network's (weights, format)
                 continue

@@ -22,6 +22,7 @@ dumped: :class:`Unsupported` says which part.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,8 @@ def save(model, folder: Path) -> None:
     structure["scikit-learn"] = sklearn.__version__
     (Path(folder) / JSON_FILE).write_text(json.dumps(structure, indent=1) + "\n", encoding="utf-8")
     save_file(arrays, str(Path(folder) / ARRAYS_FILE))
+    # safetensors creates its file owner-only; it gets what model.json (open()) gets
+    os.chmod(Path(folder) / ARRAYS_FILE, (Path(folder) / JSON_FILE).stat().st_mode & 0o777)
 
 
 # --------------------------------------------------------------------------

@@ -319,3 +319,11 @@ def test_backbone_from_a_linear_bundle_says_so_without_loading_its_pickle(made, 
     with pytest.raises(BundleError, match=r"a 'linear' bundle keeps its backbone frozen .*extract with --backbone"):
         backbone_from_bundle(evil)
     assert not marker.exists()
+
+
+def test_the_arrays_file_is_as_readable_as_the_rest_of_the_bundle(tmp_path):
+    import os
+    X, y, _ = _data(2)
+    safemodel.save(make_pipeline_for("logreg", pca=None, seed=3).fit(X, y), tmp_path)
+    modes = {f.name: os.stat(f).st_mode & 0o777 for f in tmp_path.iterdir()}
+    assert modes["model.safetensors"] == modes["model.json"], modes   # safetensors alone makes it 0600

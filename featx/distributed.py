@@ -396,7 +396,7 @@ def extract_dask(dataset: Dataset | list[Sample], specs=None, run=None, *,
     cache = FeatureCache(cache.root.resolve())   # workers do not share our working directory
     samples = dataset.samples if isinstance(dataset, Dataset) else list(dataset)
     manifest = dataset.manifest() if isinstance(dataset, Dataset) else None
-    with planned(cache, specs.specs, samples, notify) as plan:
+    with planned(cache, specs.specs, samples, notify, run.strict) as plan:
         jobs, ran = [], _ShardRun()
         if plan.todo:
             with dask_client(scheduler, n_workers=n_workers, device=run.device, retries=retries,
@@ -406,7 +406,7 @@ def extract_dask(dataset: Dataset | list[Sample], specs=None, run=None, *,
                 ran = _run_jobs(client, jobs, retries, run.progress, n)
         _commit(cache, specs.specs, plan.needed, jobs, ran, retries, manifest, notify)
     return ExtractReport(list(specs.specs), [s.key for s in specs.specs], len(plan.unique),
-                         len(plan.unique) - len(plan.todo), ran.extracted, plan.resumed, ran.skipped,
+                         plan.n_cached, ran.extracted, plan.resumed, plan.unreadable + ran.skipped,
                          time.perf_counter() - t0, ran.where, str(cache.root), ran.runtime)
 
 

@@ -31,7 +31,7 @@ from .backbones import (BackboneInfo, LoadedBackbone, Preprocess, ResolvedWeight
 from .cache import (COMMIT_EVERY_ROWS, FORMAT_VERSION, CacheWriteError, DiskFullError, FeatureCache, FeatureSpec,
                     disk_full_error, write_part_file)
 from .data import Dataset, Sample
-from .errors import BackboneError, ConfigError
+from .errors import BackboneError, ConfigError, ImageError
 from .options import POOLS, PRECISIONS, STORAGES
 from .quantize import ModelStore, QuantizationError
 # preprocess_image, ImageFiles, collate, sort_out_bad and default_workers are imported from here too
@@ -488,13 +488,21 @@ class ExtractPlan:
     todo: list[Sample]               # those missing from at least one entry
     needed: list[FeatureSpec]        # the entries (layers) missing something
     resumed: int                     # rows merged from an interrupted run's parts
+    unreadable: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason): a read-only
+    # cache's missing images that do not decode: skipped, as a writable cache's run would skip them
+
+    @property
+    def n_cached(self) -> int:
+        return len(self.unique) - len(self.todo) - len(self.unreadable)
 
 
 @contextlib.contextmanager
-def planned(cache: FeatureCache, specs: list[FeatureSpec], samples: list[Sample], notify):
+def planned(cache: FeatureCache, specs: list[FeatureSpec], samples: list[Sample], notify, strict: bool = False):
     """Lock ``specs``' entries, merge what a killed run left, and yield the
     :class:`ExtractPlan`; the lock is held until the block ends. Shared by the
-    local and the Dask extraction, so both resume and skip alike."""
+    local and the Dask extraction, so both resume and skip alike. A cache
+    that cannot be written is refused only when some missing image decodes
+    (those that do not are skipped, or stop the run with ``strict``)."""
     unique = _unique_samples(samples)
     with cache.locked([s.key for s in specs], notify=notify):
         resumed = 0
@@ -519,9 +527,28 @@ def planned(cache: FeatureCache, specs: list[FeatureSpec], samples: list[Sample]
         todo = [s for s, *h in zip(unique, *have) if not all(h)]
         # only the layers that miss something are computed
         needed = [spec for spec, h in zip(specs, have) if not h.all()]
-        if todo:
-            cache.check_writable(f"{len(todo)} of the {len(unique)} images have no features there yet")
-        yield ExtractPlan(unique, todo, needed, resumed)
+        unreadable = []
+        if todo and not cache.writable():
+            unreadable = _undecodable(todo, strict)
+            if len(unreadable) < len(todo):
+                cache.check_writable(f"{len(todo) - len(unreadable)} of the {len(unique)} images have no features "
+                                     "there yet")
+            todo, needed = [], []   # every missing image is unreadable: nothing to write
+        yield ExtractPlan(unique, todo, needed, resumed, unreadable)
+
+
+def _undecodable(samples: list[Sample], strict: bool) -> list[tuple[str, str]]:
+    """``(path, reason)`` of the ``samples`` that do not decode."""
+    from .data import load_image
+    bad = []
+    for s in samples:
+        try:
+            load_image(s.path).close()
+        except ImageError as e:
+            if strict:
+                raise ImageError(s.path, e.reason + " (--strict stops at the first bad image)") from None
+            bad.append((str(s.path), e.reason))
+    return bad
 
 
 _SPEC_OPTIONS = ("weights", "layers", "pool", "precision", "storage", "seed", "resolved", "feature_format")
@@ -636,7 +663,8 @@ def _extract(dataset, samples: list[Sample], specs: Specs, run: RunOptions, cach
         notify(f"--precision {precision}: this CPU computes {precision} in software, many times slower than fp32 "
                "(measured: about 25x on an AVX2 CPU); --precision auto picks what runs fast here")
     extracted, skipped, used = 0, [], "torch"
-    with planned(cache, wanted, samples, notify) as plan:
+    with planned(cache, wanted, samples, notify, run.strict) as plan:
+        skipped = list(plan.unreadable)
         if plan.todo:
             lb = loaded or load_backbone(info.name, resolved=rw, seed=specs.seed)
             try:
@@ -652,7 +680,7 @@ def _extract(dataset, samples: list[Sample], specs: Specs, run: RunOptions, cach
                 if plan.todo:
                     raise
                 notify(f"{spec.key} left as it was: {e}; every feature asked for is there, going on")
-    return ExtractReport(wanted, [s.key for s in wanted], len(plan.unique), len(plan.unique) - len(plan.todo),
+    return ExtractReport(wanted, [s.key for s in wanted], len(plan.unique), plan.n_cached,
                          extracted, plan.resumed, skipped, time.perf_counter() - t0, str(dev), str(cache.root), used)
 
 

@@ -299,6 +299,15 @@ def test_a_read_only_cache_serves_extract_train_and_predict(entry, tmp_path):
         assert r.returncode == 1 and _error_line(r).startswith(f"Error: {ro} cannot be written"), r.stderr
         r = _featx("extract", new, *CLI_SMALL, "--cache", ro / "sub")
         assert r.returncode == 1 and _error_line(r).startswith(f"Error: cannot create the cache folder {ro / 'sub'}")
+        # the cached images and one that does not decode: skipped, as a writable cache's run skips it
+        broken = tmp_path / "broken"
+        shutil.copytree(data, broken)
+        (broken / "red" / "zz-broken.png").write_bytes(b"not an image")
+        r = _featx("extract", broken, *CLI_SMALL, "--cache", ro)
+        assert r.returncode == 0, r.stderr
+        assert "nothing to extract: 60 images already cached; 1 unreadable skipped" in r.stdout, r.stdout
+        r = _featx("extract", broken, *CLI_SMALL, "--cache", ro, "--strict")
+        assert r.returncode == 1 and "zz-broken.png" in _error_line(r), r.stderr
     assert not list(cache.rglob("*.tmp*"))
 
 

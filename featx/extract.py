@@ -34,6 +34,7 @@ from .data import Dataset, Sample
 from .errors import BackboneError, ConfigError, ImageError
 from .options import POOLS, PRECISIONS, STORAGES
 from .quantize import ModelStore, QuantizationError
+from .text import error_text
 # preprocess_image, ImageFiles, collate, sort_out_bad and default_workers are imported from here too
 from .inference import ImageBatches, ImageFiles, autocast, collate, default_workers, sort_out_bad  # noqa: F401
 from .preprocess import Normalize, preprocess_image  # noqa: F401
@@ -538,17 +539,17 @@ def planned(cache: FeatureCache, specs: list[FeatureSpec], samples: list[Sample]
 
 
 def _undecodable(samples: list[Sample], strict: bool) -> list[tuple[str, str]]:
-    """``(path, reason)`` of the ``samples`` that do not decode."""
+    """``(path, reason)`` of the ``samples`` that do not decode (with
+    ``strict`` the first raises, as in :func:`~featx.inference.sort_out_bad`)."""
     from .data import load_image
-    bad = []
-    for s in samples:
+
+    def reason(s: Sample) -> str:
         try:
             load_image(s.path).close()
         except ImageError as e:
-            if strict:
-                raise ImageError(s.path, e.reason + " (--strict stops at the first bad image)") from None
-            bad.append((str(s.path), e.reason))
-    return bad
+            return e.reason
+        return ""
+    return sort_out_bad([reason(s) for s in samples], lambda i: str(samples[i].path), strict)[1]
 
 
 _SPEC_OPTIONS = ("weights", "layers", "pool", "precision", "storage", "seed", "resolved", "feature_format")
@@ -797,7 +798,7 @@ class Forward:
                     with inductor_config.patch(freezing=True):
                         outs = self.compiled(x)
                 except Exception as e:  # noqa: BLE001 - any compile failure: fall back
-                    self.notify(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:100]}); running eagerly")
+                    self.notify(f"torch.compile failed ({error_text(e, 100)}); running eagerly")
                     self.compiled = None
                     outs = self.net(x)
             else:
@@ -935,7 +936,7 @@ class OnnxForward:
             return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - an operator ONNX Runtime lacks, say
             raise BackboneError(f"{self.name}: ONNX Runtime cannot run {what} "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); use --runtime torch") from e
+                                f"({error_text(e)}); use --runtime torch") from e
 
     def _quantize(self, lb: LoadedBackbone, fp32: bytes, calibration, store, net_id: str, feature_format: int):
         """Swap the fp32 session for the int8 one: from the store, or quantized
@@ -1003,10 +1004,8 @@ class OnnxForward:
         except BackboneError as e:
             if not strict:
                 return None
-            why = e.__cause__ or e
             raise q.QuantizationError(f"{self.name}: ONNX Runtime cannot run the int8 network "
-                                      f"({type(why).__name__}: {str(why).splitlines()[0][:160] if str(why) else ''})"
-                                      ) from e
+                                      f"({error_text(e.__cause__ or e)})") from e
 
     def _check_int8(self, session, images: np.ndarray, q) -> None:
         """int8 features of ``images`` near fp32's, or :class:`~featx.quantize.QuantizationError`."""
@@ -1014,8 +1013,7 @@ class OnnxForward:
             got = self._outputs(session, images)
         except Exception as e:  # noqa: BLE001 - a kernel that fails at run time, say
             raise q.QuantizationError(f"{self.name}: the int8 network fails on calibration images "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
-                                      ) from e
+                                      f"({error_text(e)})") from e
         err = q.relative_error(self(images), got)
         if not err <= q.MAX_RELATIVE_ERROR:
             raise q.QuantizationError(f"{self.name}: int8 features differ from fp32 ones by "
@@ -1038,7 +1036,7 @@ class OnnxForward:
             got = self(images)
         except Exception as e:  # noqa: BLE001 - an operator ONNX Runtime lacks, say
             raise BackboneError(f"{self.name}: ONNX Runtime cannot run the exported network "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); use --runtime torch") from e
+                                f"({error_text(e)}); use --runtime torch") from e
         for layer, w, g in zip(net.layers, want, got):
             if g.shape != w.shape:
                 raise BackboneError(f"{self.name}: ONNX Runtime's output of layer {layer} has shape {g.shape}, "

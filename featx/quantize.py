@@ -64,6 +64,7 @@ import numpy as np
 
 from .errors import BackboneError
 from .files import atomic_write_bytes, atomic_write_text
+from .text import error_text
 
 __all__ = ["CALIBRATION_IMAGES", "Calibration", "ModelStore", "QuantizationError", "bundle_ranges",
            "calibration_for", "calibration_id", "calibration_sample", "is_transient", "measure_ranges"]
@@ -71,8 +72,6 @@ __all__ = ["CALIBRATION_IMAGES", "Calibration", "ModelStore", "QuantizationError
 CALIBRATION_IMAGES = 128      # images whose activations set the int8 ranges
 QUANT_VERSION = 2             # bump when the settings below change: new keys, new models
 PERCENTILE = 99.99            # activation ranges: this percentile of the calibration images' values
-SETTINGS = {"format": "QDQ", "activations": "uint8", "weights": "int8 per channel",
-            "calibration": f"percentile {PERCENTILE} of |x|", "version": QUANT_VERSION}
 # int8 features of the calibration images against fp32 ones, ||int8 - fp32|| / ||fp32||;
 # measured 0.12-0.13 for MobileNetV2 and EfficientNet-Lite0 (real weights) on clothing-small:
 # above this, quantization broke the network
@@ -84,6 +83,9 @@ OP_TYPES = ("Conv", "MatMul", "Gemm", "Add", "Relu", "Clip", "MaxPool", "Concat"
 # how ranges become an int8 model: what a bundle's ranges were made for (checked when it predicts)
 APPLY = {"format": "QDQ", "activations": "uint8", "weights": "int8 per channel", "ops": list(OP_TYPES),
          "fp32": "outside the backbone"}
+# what a calibration is (part of its id): how it is applied, and how ranges are measured
+SETTINGS = {**{k: APPLY[k] for k in ("format", "activations", "weights")},
+            "calibration": f"percentile {PERCENTILE} of |x|", "version": QUANT_VERSION}
 EXPORT_VERSION = 1            # how featx exports a network to ONNX (opset, input names)
 OPSET = 17
 
@@ -283,8 +285,7 @@ def export_onnx(net, crop: int, n_outputs: int, name: str) -> bytes:
                               output_names=[f"out{i}" for i in range(n_outputs)],
                               dynamic_axes={"images": {0: "n"}}, opset_version=OPSET, **legacy)
     except Exception as e:  # noqa: BLE001 - any export failure is reported the same way
-        raise BackboneError(f"{name}: ONNX export failed ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:160]}); use --runtime torch") from e
+        raise BackboneError(f"{name}: ONNX export failed ({error_text(e)}); use --runtime torch") from e
     return buf.getvalue()
 
 
@@ -431,8 +432,7 @@ def quantize(fp32: bytes, images: np.ndarray | None, ranges: dict | None, name: 
                                 calibration_cache_path=cal)
             return Path(out).read_bytes(), json.loads(Path(cal).read_text())
     except Exception as e:  # noqa: BLE001 - any failure of the quantizer falls back the same way
-        raise QuantizationError(f"{name}: int8 quantization failed ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
+        raise QuantizationError(f"{name}: int8 quantization failed ({error_text(e)})") from e
     finally:
         log.setLevel(level)
 

@@ -8,7 +8,13 @@ from __future__ import annotations
 import re
 from typing import Collection, Sequence
 
-__all__ = ["slug", "text_table"]
+__all__ = ["error_text", "slug", "text_table"]
+
+
+def error_text(e: BaseException, limit: int = 160) -> str:
+    """``"TypeName: first line of the message"`` (cut to ``limit``), for one-line errors."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit] if lines else ''}"
 
 
 def text_table(rows: Sequence[Sequence], header: Sequence, right: Collection[int] = ()) -> str:

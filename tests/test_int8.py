@@ -431,3 +431,10 @@ def test_train_says_its_features_are_int8(split_dataset, tmp_path):
     assert r.exit_code == 0, r.output
     (line,) = [x for x in r.stdout.splitlines() if x.startswith("features: ")]
     assert line.startswith("features: resnet18 flatten (int8), 512 dims; ")
+
+
+def test_error_text_names_the_error_in_one_line_even_without_a_message():
+    from featx.text import error_text
+    assert error_text(RuntimeError("no kernel\nfor you")) == "RuntimeError: no kernel"
+    assert error_text(ValueError()) == "ValueError: "   # an empty message used to be an IndexError
+    assert error_text(OSError("x" * 300), 5) == "OSError: xxxxx"

@@ -24,6 +24,7 @@ from ..errors import FeatxError
 from ..extract import resolve_device
 from ..inference import ImageBatches
 from ..preprocess import Normalize
+from ..text import error_text
 
 __all__ = ["FINETUNE", "backbone_from_bundle", "build_network", "finetune_manifest"]
 
@@ -110,7 +111,7 @@ def _load_finetune(folder: Path, manifest: dict) -> nn.Module:
         model.load_state_dict(state, strict=True)
     except Exception as e:  # noqa: BLE001 - any failure here is a bad bundle
         raise BundleError(f"{path}: does not load into {b.get('name')} with {len(manifest['classes'])} classes "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+                          f"({error_text(e)})") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -986,7 +986,7 @@ class OnnxForward:
                     record = q.network_record(lb.info.name, lb.weights.identity, lb.preprocess.as_dict(),
                                               feature_format)
                     ranges = {**ranges, "featx_network": record, "featx_apply": q.APPLY}
-                    q.remember_ranges(calibration.id, ranges)   # a store that cannot be written still has them here
+                    q.remember_ranges(calibration.id, net_id, ranges)   # a store that cannot be written still has them here
                     store.put(net_id, ranges_key, json.dumps(ranges).encode())
                 if not store.put(net_id, model_key, int8):
                     self.notify(f"{self.name}: the int8 model could not be stored in {store.root} (read-only or "

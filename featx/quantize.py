@@ -444,14 +444,14 @@ def _kept_fp32(path: str) -> list[str]:
     return [n.name for n in onnx.load(path, load_external_data=False).graph.node if not n.name.startswith("/body/")]
 
 
-_MEASURED: list[tuple[str, dict]] = []   # (calibration id, ranges) measured in this process
+_MEASURED: dict[tuple[str, str], dict] = {}   # (calibration id, network id) -> ranges measured in this process
 
 
-def remember_ranges(cal_id: str, ranges: dict) -> None:
+def remember_ranges(cal_id: str, net_id: str, ranges: dict) -> None:
     """Keep ranges just measured for :func:`bundle_ranges`, for when the store
     could not be written (a read-only ``cache/onnx``): a bundle trained in
     this process still carries them."""
-    _MEASURED.append((cal_id, ranges))
+    _MEASURED[cal_id, net_id] = ranges
 
 
 def bundle_ranges(cache_root, specs) -> dict:
@@ -469,7 +469,7 @@ def bundle_ranges(cache_root, specs) -> dict:
         for path in sorted(store.root.glob(f"{spec.backbone}-*.{spec.calibration}.ranges.json")):
             data = store.get(path.name[: -len(f".{spec.calibration}.ranges.json")], f".{spec.calibration}.ranges.json")
             stored.append(json.loads(data) if data is not None else {})
-        for ranges in stored + [r for c, r in _MEASURED if c == spec.calibration]:
+        for ranges in stored + [r for (c, _), r in _MEASURED.items() if c == spec.calibration]:
             if ranges.get("featx_network") != network_record(spec.backbone, spec.weights, spec.preprocess,
                                                              spec.format):   # another network's (weights, format)
                 continue

@@ -150,8 +150,13 @@ def startup(backbone, weights, n=64):
     out["new process: import featx and torch"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import os, featx.cli, featx.extract, featx.backbones as b; "
-                    "b.registry(); os._exit(0)"], check=True)
-    out["new process: the same + the backbone registry (torchvision)"] = time.perf_counter() - t0
+                    f"b.resolve_weights({backbone!r}, {weights!r}); os._exit(0)"], check=True)
+    out["new process: the same + resolve the weights (registry, torchvision's table)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import os, featx.cli, featx.extract, torchvision; os._exit(0)"],
+                   check=True)
+    out["new process: import featx, torch and torchvision (building a network needs it)"] = \
+        time.perf_counter() - t0
     featx.backbones.registry()   # the parts below are timed with their modules imported, as in a command
     __import__("onnxruntime.quantization")
     t0 = time.perf_counter()
@@ -424,6 +429,11 @@ def run(backbone, weights, n, precision, do_rss, compile_rows, device="cpu"):
         row["a_naive"] = naive(backbone, weights, main, device=device)
         row["a2_tuned"] = tuned(backbone, weights, main, batch=batch, device=device)
         row["c_command"] = whole_command(backbone, weights, main, precision, work / "cmd", device)
+        if runtime == "onnx":   # fp32 again, features dropped, the exported network kept in the store
+            import shutil
+            for entry in (work / "cmd" / "cache").glob(f"{backbone}-*"):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            row["c_command_stored"] = whole_command(backbone, weights, main, precision, work / "cmd", device)
         if runtime == "onnx":   # int8: first run (calibration and quantization included), then with the stored model
             row["c_int8_first"] = whole_command(backbone, weights, main, "int8", work / "cmd8", device)
             import shutil
@@ -449,7 +459,7 @@ def run(backbone, weights, n, precision, do_rss, compile_rows, device="cpu"):
         row["b_forward"] = row["b_onnx"] if runtime == "onnx" else row["b_eager"]
         row["c/a"] = row["c_default"] / row["a_naive"]
         row["c/b"] = row["c_default"] / row["b_forward"]
-        for c in ("c_command", "c_int8"):
+        for c in ("c_command", "c_command_stored", "c_int8"):
             if c in row:
                 row[f"{c}/a"] = row[c] / row["a_naive"]
                 row[f"{c}/a2"] = row[c] / row["a2_tuned"]
@@ -474,6 +484,7 @@ ROWS = [("(a) naive loop (PIL + transforms per image, fp32 NCHW, main process)",
         ("(c) featx extract --runtime torch --compile on (compile time included)", "c_compiled"),
         ("(c) **featx extract, defaults** (runtime {runtime}), cold cache", "c_default"),
         ("(c) `featx extract` command, defaults, timed from outside (start-up included)", "c_command"),
+        ("(c) `featx extract` command, defaults, exported network stored", "c_command_stored"),
         ("(c) `featx extract --precision int8` command, first run (calibration + quantization)", "c_int8_first"),
         ("(c) `featx extract --precision int8` command, quantized model stored", "c_int8")]
 
@@ -489,7 +500,9 @@ def print_row(r):
             print(f"| {label.format(**r)} | {r[key]:.1f} | {r[key] / a:.2f}x |")
     print(f"\n(c)/(a) = {r['c/a']:.2f}x   (c)/(b) = {r['c/b']:.2f} (b = the same network in the same runtime "
           f"and precision); with --runtime torch: (c)/(b) = {r['c_torch/b_torch']:.2f}")
-    for c, what in (("c_command", "featx extract command"), ("c_int8", "featx extract --precision int8 command")):
+    for c, what in (("c_command", "featx extract command"),
+                    ("c_command_stored", "featx extract command, export stored"),
+                    ("c_int8", "featx extract --precision int8 command")):
         if c in r:
             print(f"{what}: (c)/(a) = {r[f'{c}/a']:.2f}x, (c)/(a2) = {r[f'{c}/a2']:.2f}x, "
                   f"(c)/(b) = {r[f'{c}/b']:.2f}")

@@ -30,7 +30,9 @@ Weights specs (``--weights``):
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -96,7 +98,7 @@ class BackboneInfo:
     family: str
     default_layer: str
     head: str                         # dotted path of the final classifier layer
-    weights_enum: object | None       # torchvision WeightsEnum class
+    torchvision_weights: bool         # its weights are torchvision's (read from TORCHVISION_TABLE)
     dims: int = 0                     # size of the default layer's features
     ports: tuple[str, ...] = ()       # names of ported weights (featx.ports)
     summary: str = ""
@@ -122,26 +124,46 @@ class BackboneInfo:
             kwargs.update(aux_logits=True, init_weights=False, transform_input=pretrained)
         return tvm.get_model(self.name, **kwargs)
 
+    @property
+    def weights_enum(self):
+        """torchvision's WeightsEnum class (imports torchvision), or None:
+        only downloading needs it; names, URLs and preprocessing come from
+        :meth:`tv_weights` without the import."""
+        if not self.torchvision_weights:
+            return None
+        from torchvision.models import get_model_weights
+        return get_model_weights(self.name)
+
+    def tv_weights(self) -> "dict[str, TorchvisionWeights]":
+        """torchvision's weights of this backbone by name, in torchvision's
+        order (:func:`torchvision_table`); empty when it has none."""
+        return torchvision_table()["models"].get(self.name, {}) if self.torchvision_weights else {}
+
+    def tv_default(self) -> "TorchvisionWeights | None":
+        """torchvision's DEFAULT weights of this backbone, or None."""
+        if not self.torchvision_weights:
+            return None
+        return self.tv_weights()[torchvision_table()["default"][self.name]]
+
     def weight_names(self) -> list[str]:
-        names = [w.name for w in self.weights_enum] if self.weights_enum is not None else []
-        return names + list(self.ports) + [n for n, _ in self.hub]
+        return list(self.tv_weights()) + list(self.ports) + [n for n, _ in self.hub]
 
     def license_of(self, weights: str) -> str:
         """The licence of ``weights`` where it is not BSD/MIT-style, else ``""``."""
+        if self.torchvision_weights and "SWAG" in weights:
+            return SWAG_LICENSE
         return dict(self.licenses).get(weights, "")
 
 
 SWAG_LICENSE = "CC-BY-NC-4.0 (non-commercial; https://github.com/facebookresearch/SWAG/blob/main/LICENSE)"
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}_pretrain.pth"
 DINOV2_LICENSE = "Apache-2.0 (https://github.com/facebookresearch/dinov2/blob/main/LICENSE)"
 # DINOv2's evaluation protocol: resize 256 (bicubic), center crop 224, ImageNet mean/std
 DINOV2_PREPROCESS = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic")
 
 
 def _tv(name, family, default_layer, head, dims, summary, **kw):
-    from torchvision.models import get_model_weights
-    weights = get_model_weights(name)
-    licenses = tuple((w.name, SWAG_LICENSE) for w in weights if "SWAG" in w.name)
-    return BackboneInfo(name, family, default_layer, head, weights, dims, summary=summary, licenses=licenses, **kw)
+    return BackboneInfo(name, family, default_layer, head, True, dims, summary=summary, **kw)
 
 
 def _lite0_builder(num_classes=1000, pretrained=False, image_size=None):
@@ -176,8 +198,7 @@ def _vit(name, dims, summary):
 
 
 def _dinov2(name, dims, summary):
-    from .vit import DINOV2_URL
-    return BackboneInfo(name, "dinov2", "cls", "head", None, dims, summary=summary,
+    return BackboneInfo(name, "dinov2", "cls", "head", False, dims, summary=summary,
                         builder=_dinov2_builder(name), preprocess=DINOV2_PREPROCESS, prefix_tokens=1,
                         patch_tokens_only=("patch_embed",),
                         hub=(("LVD142M", DINOV2_URL.format(arch=name)),), head_optional=True,
@@ -198,16 +219,15 @@ def registry() -> dict[str, BackboneInfo]:
         _tv("mobilenet_v3_large", "mobilenet", "classifier.1", "classifier.3", 1280, "MobileNetV3-Large, 1280-d"),
         _tv("efficientnet_b0", "efficientnet", "flatten", "classifier.1", 1280, "EfficientNet-B0, 1280-d pooled"),
         _tv("densenet121", "densenet", "flatten", "classifier", 1024, "DenseNet-121, 1024-d pooled"),
-        BackboneInfo("squeezenet1_1", "squeezenet", "features.12", "classifier.1",
-                     __import__("torchvision.models", fromlist=["x"]).get_model_weights("squeezenet1_1"), 512,
+        BackboneInfo("squeezenet1_1", "squeezenet", "features.12", "classifier.1", True, 512,
                      ports=("NDF",), summary="SqueezeNet 1.1, 512-d (avg-pooled last Fire module)"),
-        BackboneInfo("efficientnet_lite0", "efficientnet_lite", "_avg_pooling", "_fc", None, 1280,
+        BackboneInfo("efficientnet_lite0", "efficientnet_lite", "_avg_pooling", "_fc", False, 1280,
                      ports=("TF_LITE0",), summary="EfficientNet-Lite0 (TF port), 1280-d pooled",
                      builder=_lite0_builder),
-        BackboneInfo("efficientnet_lite1", "efficientnet_lite", "_avg_pooling", "_fc", None, 1280,
+        BackboneInfo("efficientnet_lite1", "efficientnet_lite", "_avg_pooling", "_fc", False, 1280,
                      ports=("TF_LITE1",), summary="EfficientNet-Lite1 (TF port, 240 px), 1280-d pooled",
                      builder=_lite_builder(1)),
-        BackboneInfo("efficientnet_lite2", "efficientnet_lite", "_avg_pooling", "_fc", None, 1280,
+        BackboneInfo("efficientnet_lite2", "efficientnet_lite", "_avg_pooling", "_fc", False, 1280,
                      ports=("TF_LITE2",), summary="EfficientNet-Lite2 (TF port, 260 px), 1280-d pooled",
                      builder=_lite_builder(2)),
         # 2020s: ConvNeXt, EfficientNetV2, RegNetY (SWAG), ViT (SWAG), Swin, MaxViT, DINOv2
@@ -245,6 +265,78 @@ def get_backbone(name: str) -> BackboneInfo:
 
 
 # --------------------------------------------------------------------------
+# torchvision's weights metadata, without importing torchvision
+
+
+@dataclass(frozen=True)
+class TorchvisionWeights:
+    """What featx reads from one of torchvision's ``Weights``."""
+
+    name: str
+    url: str
+    preprocess: Preprocess
+    categories: tuple[str, ...] | None = None
+
+
+#: torchvision's weights metadata for the registry's backbones, as
+#: :func:`build_torchvision_table` reads it from the installed torchvision
+#: (BSD-3-Clause, like torchvision: URLs, preprocessing, ImageNet class
+#: names). Importing torchvision imports ``torch._dynamo``, 1-3 s of every
+#: command's start-up; this file is read in milliseconds, and only while it
+#: was made from the torchvision that is installed (else torchvision is
+#: read). Rebuild it with ``python -m featx.backbones``.
+TORCHVISION_TABLE = Path(__file__).with_name("torchvision_weights.json")
+
+
+def build_torchvision_table() -> dict:
+    """The table of :data:`TORCHVISION_TABLE`, read from torchvision itself."""
+    from importlib.metadata import version
+
+    from torchvision.models import get_model_weights
+    models, categories = {}, {}
+    for info in registry().values():
+        if not info.torchvision_weights:
+            continue
+        enum = get_model_weights(info.name)
+        rows = {"DEFAULT": enum.DEFAULT.name}
+        for w in enum:
+            cats = list(w.meta.get("categories") or [])
+            key = hashlib.sha256(json.dumps(cats).encode()).hexdigest()[:12] if cats else None
+            if key:
+                categories[key] = cats
+            rows[w.name] = {"url": w.url, "preprocess": Preprocess.from_torchvision(w).as_dict(), "categories": key}
+        models[info.name] = rows
+    return {"torchvision": version("torchvision"), "categories": categories, "models": models}
+
+
+@functools.lru_cache(maxsize=1)
+def torchvision_table() -> dict:
+    """``{"models": {backbone: {weights name: TorchvisionWeights}}, "default":
+    {backbone: DEFAULT's weights name}}`` in torchvision's order: from :data:`TORCHVISION_TABLE` when it was made from the
+    installed torchvision, else from torchvision (imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        raw = json.loads(TORCHVISION_TABLE.read_text())
+        installed = version("torchvision")
+    except (OSError, ValueError, PackageNotFoundError):
+        raw, installed = None, None
+    if raw is None or raw.get("torchvision") != installed or set(raw.get("models", ())) != \
+            {i.name for i in registry().values() if i.torchvision_weights}:
+        raw = build_torchvision_table()
+    cats = {k: tuple(v) for k, v in raw["categories"].items()}
+    return {"torchvision": raw["torchvision"],
+            "default": {name: rows["DEFAULT"] for name, rows in raw["models"].items()},
+            "models": {name: {w: TorchvisionWeights(w, r["url"], Preprocess.from_dict(r["preprocess"]),
+                                                    cats[r["categories"]] if r["categories"] else None)
+                              for w, r in rows.items() if w != "DEFAULT"} for name, rows in raw["models"].items()}}
+
+
+def imagenet_categories() -> list[str]:
+    """ImageNet-1k's class names, in torchvision's order (for ported weights)."""
+    return list(torchvision_table()["models"]["resnet18"]["IMAGENET1K_V1"].categories)
+
+
+# --------------------------------------------------------------------------
 # weights
 
 
@@ -262,8 +354,8 @@ def _package_file(package: str, resource: str) -> Path | None:
     return None
 
 
-def _hub_file(weights) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+def _hub_file(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
 @dataclass
@@ -289,16 +381,15 @@ class ResolvedWeights:
 
 
 def _torchvision_weights(info: BackboneInfo, name: str, spec: str) -> ResolvedWeights:
-    try:
-        w = info.weights_enum[name] if name != "DEFAULT" else info.weights_enum.DEFAULT
-    except KeyError:
+    w = info.tv_default() if name == "DEFAULT" else info.tv_weights().get(name)
+    if w is None:
         raise WeightsError(f"--weights {spec}: {info.name} has no weights {name!r}; "
-                           f"choose from {', '.join(['auto', 'DEFAULT', *info.weight_names(), 'none', 'FILE.pth'])}") from None
+                           f"choose from {', '.join(['auto', 'DEFAULT', *info.weight_names(), 'none', 'FILE.pth'])}")
     fname = w.url.rsplit("/", 1)[-1]
     identity = f"torchvision:{info.name}.{w.name}:{fname}"
-    pre = Preprocess.from_torchvision(w)
-    cats = list(w.meta.get("categories") or []) or None
-    hub = _hub_file(w)
+    pre = w.preprocess
+    cats = list(w.categories) if w.categories else None
+    hub = _hub_file(w.url)
     if hub.is_file():
         return ResolvedWeights(spec, "torchvision", w.name, identity, pre, f"torch hub cache ({hub})", hub, cats)
     off = OFFLINE_TORCHVISION_FILES.get(fname)
@@ -324,8 +415,7 @@ def _port_weights(info: BackboneInfo, name: str, spec: str) -> ResolvedWeights:
         return ResolvedWeights(spec, "port", name, f"port:{info.name}.{name}", IMAGENET_PREPROCESS,
                                "not installed", None, available=False, hint=pip)
     pre = Preprocess(pw.resize, pw.crop, tuple(pw.mean), tuple(pw.std), pw.interpolation)
-    from torchvision.models import ResNet18_Weights
-    cats = list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+    cats = imagenet_categories()
     return ResolvedWeights(spec, "port", name, f"port:{info.name}.{name}:{pw.sha256[:16]}", pre,
                            f"package {pw.package} ({pw.path})", pw.path, cats, meta={"sha256": pw.sha256})
 
@@ -347,8 +437,8 @@ def _hub_weights(info: BackboneInfo, name: str, spec: str) -> ResolvedWeights:
 def _default_preprocess(info: BackboneInfo) -> Preprocess:
     if info.preprocess is not None:
         return info.preprocess
-    if info.weights_enum is not None:
-        return Preprocess.from_torchvision(info.weights_enum.DEFAULT)
+    if info.tv_weights():
+        return info.tv_default().preprocess
     for port in info.ports:
         r = _port_weights(info, port, port)
         if r.available:
@@ -369,9 +459,9 @@ def resolve_weights(backbone: str | BackboneInfo, spec: str | None = "auto", *, 
                                f"random initialisation (seed {seed})", meta={"seed": seed})
     if low == "auto":
         candidates = []
-        if info.weights_enum is not None:
+        if info.tv_weights():
             candidates.append(_torchvision_weights(info, "DEFAULT", spec))
-            candidates += [_torchvision_weights(info, w.name, spec) for w in info.weights_enum]
+            candidates += [_torchvision_weights(info, w, spec) for w in info.tv_weights()]
         candidates += [_port_weights(info, p, spec) for p in info.ports]
         candidates += [_hub_weights(info, n, spec) for n, _ in info.hub]
         for c in candidates:
@@ -390,7 +480,7 @@ def resolve_weights(backbone: str | BackboneInfo, spec: str | None = "auto", *, 
         digest = sha256_of(p)
         return ResolvedWeights(spec, "file", p.name, f"file:{digest}", _default_preprocess(info),
                                f"file {p}", p.resolve(), meta={"sha256": digest})
-    if info.weights_enum is None:
+    if not info.tv_weights():
         raise WeightsError(f"--weights {spec}: {info.name} has weights {', '.join(info.weight_names())}; "
                            "choose one, or give a .pth file or 'none'")
     return _torchvision_weights(info, spec.upper() if spec.upper() != spec and spec.upper() in info.weight_names() else spec, spec)
@@ -475,6 +565,20 @@ class LoadedBackbone:
         return self.weights.preprocess
 
 
+class DeferredBackbone(LoadedBackbone):
+    """A :class:`LoadedBackbone` whose network is built, and its weights
+    loaded, when ``.model`` is first read: an extraction whose exported
+    network is stored (:class:`featx.extract.OnnxForward`) never reads it,
+    and so never imports torchvision's models (seconds of start-up)."""
+
+    def __init__(self, info: BackboneInfo, weights: ResolvedWeights, seed: int = 0):
+        self.info, self.weights, self.seed = info, weights, seed
+
+    @functools.cached_property
+    def model(self) -> nn.Module:
+        return load_backbone(self.info.name, resolved=self.weights, seed=self.seed).model
+
+
 def _num_classes_in(state: dict, info: BackboneInfo) -> int | None:
     for suffix in (".weight",):
         key = info.head + suffix
@@ -533,8 +637,7 @@ def _diff_keys(model: nn.Module, state: dict) -> tuple[list[str], list[str]]:
 def weights_status(info: BackboneInfo) -> list[tuple[str, str]]:
     """(weights name, availability) for ``featx backbones``."""
     rows = []
-    names = [w.name for w in info.weights_enum] if info.weights_enum is not None else []
-    for n in names:
+    for n in info.tv_weights():
         r = _torchvision_weights(info, n, n)
         rows.append((n, "offline" if r.available else "download"))
     for p in info.ports:
@@ -545,3 +648,8 @@ def weights_status(info: BackboneInfo) -> list[tuple[str, str]]:
         rows.append((n, "offline" if r.available else "download"))
     return [(n, status + (f", licence {info.license_of(n).split(' (')[0]}" if info.license_of(n) else ""))
             for n, status in rows]
+
+
+if __name__ == "__main__":   # python -m featx.backbones: rebuild TORCHVISION_TABLE from the installed torchvision
+    TORCHVISION_TABLE.write_text(json.dumps(build_torchvision_table(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {TORCHVISION_TABLE}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import (BackboneInfo, LoadedBackbone, Preprocess, ResolvedWeights, get_backbone, load_backbone,
+from .backbones import (BackboneInfo, DeferredBackbone, LoadedBackbone, Preprocess, ResolvedWeights, get_backbone, load_backbone,
                         resolve_weights)
 from .cache import (COMMIT_EVERY_ROWS, FORMAT_VERSION, CacheWriteError, DiskFullError, FeatureCache, FeatureSpec,
                     disk_full_error, write_part_file)
@@ -667,7 +667,8 @@ def _extract(dataset, samples: list[Sample], specs: Specs, run: RunOptions, cach
     with planned(cache, wanted, samples, notify, run.strict) as plan:
         skipped = list(plan.unreadable)
         if plan.todo:
-            lb = loaded or load_backbone(info.name, resolved=rw, seed=specs.seed)
+            # built when first needed: a stored ONNX export needs no network (nor torchvision)
+            lb = loaded or DeferredBackbone(info, rw, specs.seed)
             try:
                 extracted, skipped, used = _run(lb, plan.needed, plan.todo, cache, run, device=dev,
                                                 precision=precision, notify=notify, calibration=calibration)

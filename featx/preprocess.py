@@ -16,7 +16,7 @@ from torch import nn
 
 from .backbones import Preprocess
 
-__all__ = ["Normalize", "preprocess_image", "scaled_to_crop", "train_transform"]
+__all__ = ["Normalize", "preprocess_image", "resize_uint8", "scaled_to_crop", "train_transform"]
 
 _TV_INTERP = ("bilinear", "bicubic")   # resized as uint8 tensors by torchvision
 _INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
@@ -36,25 +36,49 @@ def preprocess_image(im: Image.Image, pre: Preprocess, pil_resize: bool = False)
 
     The sizes, rounding and crop offsets are torchvision's
     ``weights.transforms()``. Bilinear and bicubic resizing run on the uint8
-    tensor with torchvision's antialiased kernels, within one grey level of
-    PIL's resize and about 3x faster (PIL's was 60% of the decode time);
-    other filters, and ``pil_resize=True`` (features of cache format 2),
-    use PIL."""
+    tensor with torchvision's antialiased kernels (:func:`resize_uint8`),
+    within one grey level of PIL's resize and faster; other filters, and
+    ``pil_resize=True`` (features of cache format 2), use PIL."""
     if pre.interpolation not in _TV_INTERP or pil_resize:
         return torch.from_numpy(_preprocess_pil(im, pre)).permute(2, 0, 1)
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
-    mode = InterpolationMode(pre.interpolation)
     x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
-    if min(x.shape[1:]) != pre.resize:
-        x = F.resize(x, pre.resize, interpolation=mode, antialias=True)
+    h, w = x.shape[1:]
+    if min(h, w) != pre.resize:   # the short side to pre.resize, as torchvision sizes it
+        short, long = min(h, w), max(h, w)
+        new_long = int(pre.resize * long / short)
+        x = resize_uint8(x, [pre.resize, new_long] if h <= w else [new_long, pre.resize], pre.interpolation)
     c = pre.crop
     h, w = x.shape[1:]
     if h < c or w < c:  # torchvision pads; with resize >= crop this never happens
-        x = F.resize(x, [max(h, c), max(w, c)], interpolation=mode, antialias=True)
+        x = resize_uint8(x, [max(h, c), max(w, c)], pre.interpolation)
         h, w = x.shape[1:]
     top, left = _center_offsets(h, w, c)
     return x[:, top:top + c, left:left + c].contiguous()
+
+
+def resize_uint8(x: torch.Tensor, size: list[int], mode: str) -> torch.Tensor:
+    """A uint8 (C, H, W) tensor resized to ``size`` (H, W), antialiased, as
+    ``torchvision.transforms.v2.functional.resize`` resizes it, value for
+    value (tested against it): ``interpolate`` on the uint8 tensor where
+    torchvision does that (bicubic; bilinear on AVX2, AVX-512 and ARM CPUs),
+    else in float32, rounded. Called directly because importing torchvision
+    imports ``torch._dynamo``: 1-3 s of every command's start-up."""
+    import platform
+
+    from torch.nn.functional import interpolate
+    native = mode == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") \
+        or platform.machine() in ("aarch64", "arm64")
+    c, h, w = x.shape
+    if list(size) == [h, w]:
+        return x
+    img = x.reshape(1, c, h, w)
+    if img.is_contiguous(memory_format=torch.channels_last) and img.numel() != img.stride()[0]:
+        # as torchvision restrides it: the output stays channels_last (torch issue 68430)
+        img = img.as_strided((1, c, h, w), (img.numel(), *img.stride()[1:]))
+    y = interpolate(img if native else img.float(), size=list(size), mode=mode, align_corners=False, antialias=True)
+    if not native:
+        y = (y.clamp_(0, 255) if mode == "bicubic" else y).round_().to(torch.uint8)
+    return y[0]
 
 
 def _center_offsets(h: int, w: int, c: int) -> tuple[int, int]:

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}_pretrain.pth"
 #: (embed dim, depth, heads) of the official DINOv2 backbones featx builds
 DINOV2_ARCHS = {"dinov2_vits14": (384, 12, 6), "dinov2_vitb14": (768, 12, 12)}
 DINOV2_PATCH = 14

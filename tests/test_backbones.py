@@ -60,3 +60,31 @@ def test_a_torch_hub_cached_file_is_used_offline(monkeypatch, tmp_path):
     torch.save(lb.model.state_dict(), ckpt / fname)
     rw = resolve_weights("resnet18", "auto")
     assert rw.available and rw.name == "IMAGENET1K_V1" and "torch hub cache" in rw.source
+
+
+def test_the_torchvision_weights_table_is_what_torchvision_says():
+    """featx reads weights names, URLs and preprocessing from its table, not
+    from an import of torchvision (seconds of start-up): the table must be
+    torchvision's own (rebuild it with `python -m featx.backbones`)."""
+    import json
+
+    from featx.backbones import TORCHVISION_TABLE, build_torchvision_table
+    assert json.loads(TORCHVISION_TABLE.read_text()) == build_torchvision_table(), \
+        "featx/torchvision_weights.json is stale: run `python -m featx.backbones`"
+
+
+def test_a_table_made_from_another_torchvision_is_not_used(tmp_path, monkeypatch):
+    import json
+
+    import featx.backbones as b
+    stale = json.loads(b.TORCHVISION_TABLE.read_text())
+    stale["torchvision"] = "0.1.0"
+    stale["models"]["mobilenet_v2"]["IMAGENET1K_V1"]["url"] = "https://example.invalid/other.pth"
+    monkeypatch.setattr(b, "TORCHVISION_TABLE", tmp_path / "t.json")
+    (tmp_path / "t.json").write_text(json.dumps(stale))
+    b.torchvision_table.cache_clear()
+    try:
+        w = b.get_backbone("mobilenet_v2").tv_weights()["IMAGENET1K_V1"]
+        assert w.url.endswith("/mobilenet_v2-b0353104.pth")    # read from torchvision instead
+    finally:
+        b.torchvision_table.cache_clear()

@@ -248,6 +248,24 @@ def test_tensor_resize_stays_within_a_grey_level_or_two_of_pils(tmp_path, interp
         assert int(diff.max()) <= levels and float(diff.float().mean()) < 0.1, (size, int(diff.max()))
 
 
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])   # torchvision resizes uint8 natively, or in float
+def test_featx_resizes_exactly_as_torchvision_without_importing_it(capability, monkeypatch):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from featx.preprocess import resize_uint8
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    rng = np.random.default_rng(1)
+    for mode in ("bilinear", "bicubic"):
+        for _ in range(12):
+            h, w = (int(v) for v in rng.integers(20, 600, 2))
+            x = torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)  # as decoded
+            size = [int(v) for v in rng.integers(16, 400, 2)]
+            want = F.resize(x, size, interpolation=InterpolationMode(mode), antialias=True)
+            got = resize_uint8(x, size, mode)
+            assert got.dtype == torch.uint8 and torch.equal(got, want), (mode, h, w, size)
+
+
 def test_format_2_features_are_still_made_the_pil_way_for_older_bundles(folder_dataset, tmp_path):
     from featx.extract import FeatureNet
     from featx.preprocess import _preprocess_pil

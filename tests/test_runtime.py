@@ -104,6 +104,28 @@ def test_cli_extract_with_onnx_runtime(folder_dataset, tmp_path):
         assert r.output == f"Error: {message}\n"     # before the dataset is read (no "dataset ..." line)
 
 
+def test_a_stored_export_starts_without_torchvision(folder_dataset, tmp_path):
+    """The second run reads the stored ONNX export: it builds no network and
+    never imports torchvision, whose import of torch._dynamo costs seconds."""
+    import subprocess
+    import sys
+    args = ["extract", str(folder_dataset), "-b", "mobilenet_v2", "-w", "none", "--runtime", "onnx",
+            "--cache", str(tmp_path / "c"), "-q"]
+    code = ("import sys; from featx.cli import cli\n"
+            "try:\n    cli(sys.argv[1:], standalone_mode=False)\nfinally:\n"
+            "    print('imported:', sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))")
+    first = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert "imported: ['torch._dynamo', 'torchvision']" in first.stdout   # export: the network is built
+    for entry in (tmp_path / "c").glob("mobilenet_v2-*"):
+        import shutil
+        shutil.rmtree(entry)                                               # a cold feature cache, the export kept
+    second = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert "extracted 24 images" in second.stdout and "onnxruntime" in second.stdout
+    assert "imported: []" in second.stdout
+
+
 @pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU has native bf16")
 def test_software_bf16_on_the_cpu_is_announced(folder_dataset, tmp_path):
     one = open_dataset(folder_dataset).samples[:1]

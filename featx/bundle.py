@@ -187,19 +187,20 @@ class Bundle:
 
 
 def _bundle_versions() -> dict:
-    """The libraries a bundle's model is saved and loaded with (imported here:
-    loading needs them anyway); :func:`featx.cache._entry_versions` records
+    """The libraries a bundle's model is saved and loaded with (scikit-learn's
+    is checked at load), and what ran its network (ONNX Runtime for int8
+    features); :func:`featx.cache._entry_versions` records
     what computed a cache entry's features instead."""
     import joblib
     import safetensors
     import sklearn
-    import torch
-    import torchvision
 
     from . import __version__
+    from .cache import package_version   # torch, torchvision and ONNX Runtime: not imported for this
     return {"featx": __version__, "scikit-learn": sklearn.__version__, "joblib": joblib.__version__,
-            "numpy": np.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "safetensors": safetensors.__version__, "python": sys.version.split()[0]}
+            "numpy": np.__version__, "torch": package_version("torch"), "torchvision": package_version("torchvision"),
+            "onnxruntime": package_version("onnxruntime"), "safetensors": safetensors.__version__,
+            "python": sys.version.split()[0]}
 
 
 def check_destination(path: str | os.PathLike) -> Path:

@@ -116,23 +116,26 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _entry_versions() -> dict:
-    """The software that computed an entry's features (torch's version read from
-    what is imported, else from its installed metadata: a commit never imports
-    torch); a bundle records the libraries of its model instead (``bundle._bundle_versions``)."""
+def package_version(name: str) -> str:
+    """``name``'s version: the imported module's ``__version__`` (torch's
+    ``2.14.1+cu130``), else its installed metadata (``2.14.1``) without
+    importing it, else ``not installed``."""
     from importlib import metadata
+    mod = sys.modules.get(name)
+    if mod is not None and getattr(mod, "__version__", None):
+        return str(mod.__version__)
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
+
+def _entry_versions() -> dict:
+    """The software that computed an entry's features (:func:`package_version`:
+    a commit never imports torch); a bundle records the libraries of its model
+    instead (``bundle._bundle_versions``)."""
     from . import __version__
-
-    def version(name):
-        mod = sys.modules.get(name)
-        if mod is not None and getattr(mod, "__version__", None):
-            return str(mod.__version__)
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-    return {"featx": __version__, "torch": version("torch"), "torchvision": version("torchvision"),
+    return {"featx": __version__, "torch": package_version("torch"), "torchvision": package_version("torchvision"),
             "h5py": h5py.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}
 
 

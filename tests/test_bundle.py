@@ -63,7 +63,7 @@ def test_manifest_says_what_the_model_is_made_of(trained):
     t = m["training"]
     assert (t["dataset"], t["dataset_id"], t["counts"]["val"]) == ("data", trained.ds.id, {"blue": 2, "green": 2, "red": 2})
     assert t["test_accuracy"] == trained.result.test["accuracy"]
-    assert {"featx", "scikit-learn", "torch", "numpy"} <= set(m["versions"]) and m["created"]
+    assert {"featx", "scikit-learn", "torch", "numpy", "onnxruntime"} <= set(m["versions"]) and m["created"]
     assert sorted(m["files"]) == ["model.json", "model.safetensors"]      # no pickle
     for name in m["files"]:
         payload = (trained.path / name).read_bytes()

@@ -31,7 +31,7 @@ from .backbones import (BackboneInfo, DeferredBackbone, LoadedBackbone, Preproce
 from .cache import (COMMIT_EVERY_ROWS, FORMAT_VERSION, CacheWriteError, DiskFullError, FeatureCache, FeatureSpec,
                     disk_full_error, write_part_file)
 from .data import Dataset, Sample
-from .errors import BackboneError, ConfigError, ImageError
+from .errors import BackboneError, ConfigError, ImageError, WeightsError
 from .options import POOLS, PRECISIONS, STORAGES
 from .quantize import ModelStore, QuantizationError
 from .text import error_text
@@ -667,8 +667,10 @@ def _extract(dataset, samples: list[Sample], specs: Specs, run: RunOptions, cach
     with planned(cache, wanted, samples, notify, run.strict) as plan:
         skipped = list(plan.unreadable)
         if plan.todo:
-            # built when first needed: a stored ONNX export needs no network (nor torchvision)
-            lb = loaded or DeferredBackbone(info, rw, specs.seed)
+            # built when first needed: a stored ONNX export needs no network (nor torchvision);
+            # weights that are not here yet are fetched now, before any image is decoded
+            lb = loaded or (DeferredBackbone(info, rw, specs.seed) if rw.available
+                            else load_backbone(info.name, resolved=rw, seed=specs.seed))
             try:
                 extracted, skipped, used = _run(lb, plan.needed, plan.todo, cache, run, device=dev,
                                                 precision=precision, notify=notify, calibration=calibration)
@@ -1076,8 +1078,8 @@ def make_forward(lb: LoadedBackbone, layers: list[str], pool: str, device: torch
             return OnnxForward(lb, layers, pool, store=store, feature_format=feature_format,
                                calibration=calibration if precision == "int8" else None, notify=notify)
         except BackboneError as e:
-            if runtime == "onnx" or precision == "int8":
-                raise
+            if runtime == "onnx" or precision == "int8" or isinstance(e, WeightsError):
+                raise   # weights that do not load fail torch just as well
             notify(f"{str(e).removesuffix('; use --runtime torch')}; running with torch instead")
     return Forward(lb, layers, pool, device, precision,
                    compile=should_compile(compile, n_images, device), notify=notify)

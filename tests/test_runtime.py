@@ -126,6 +126,25 @@ def test_a_stored_export_starts_without_torchvision(folder_dataset, tmp_path):
     assert "imported: []" in second.stdout
 
 
+def test_weights_that_do_not_load_stop_the_run_instead_of_falling_back_to_torch(monkeypatch, tmp_path):
+    """The network is built when the ONNX export first needs it; weights that
+    fail then fail torch just as well: one error, no 'running with torch'."""
+    import featx.backbones as b
+    from featx.errors import WeightsError
+    from featx.quantize import ModelStore
+
+    def broken(info, rw):
+        raise WeightsError(f"{info.name}: the weights file is damaged")
+    monkeypatch.setattr(b, "load_state_dict", broken)
+    info = b.get_backbone("resnet18")
+    lb = b.DeferredBackbone(info, b.resolve_weights(info, "none"))
+    said = []
+    with pytest.raises(WeightsError, match="damaged"):
+        make_forward(lb, ["flatten"], "avg", CPU, "fp32", n_images=10**4, runtime="auto", notify=said.append,
+                     store=ModelStore(tmp_path))
+    assert said == []
+
+
 @pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU has native bf16")
 def test_software_bf16_on_the_cpu_is_announced(folder_dataset, tmp_path):
     one = open_dataset(folder_dataset).samples[:1]

@@ -29,7 +29,9 @@ class FeatxGroup(click.Group):
         except FeatxError as e:
             raise click.ClickException(str(e)) from None
         except KeyboardInterrupt:
-            click.echo("\ninterrupted: finished batches are kept; run the same command again to resume", err=True)
+            # every file is written whole or not at all: extracted batches, bundles, reports
+            click.echo("\ninterrupted: nothing is left half-written and finished work is kept; "
+                       "run the same command again to go on", err=True)
             sys.exit(130)
 
 

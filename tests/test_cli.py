@@ -137,3 +137,20 @@ def test_the_console_entry_point_keeps_exit_codes_and_flushes_its_output(folder_
     assert bad.returncode == 1 and bad.stderr.strip().startswith("Error: --precision int8 runs on ONNX Runtime")
     usage = subprocess.run([*entry, "extract", "--no-such-option"], capture_output=True, text=True)
     assert usage.returncode == 2 and "No such option '--no-such-option'" in usage.stderr
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, tmp_path):
+    import importlib
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(importlib.import_module("featx.extract"), "extract", interrupted)
+    root = tmp_path / "d" / "a"
+    root.mkdir(parents=True)
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(root / "x.png")
+    r = CliRunner().invoke(cli, ["extract", str(tmp_path / "d"), "-b", "resnet18", "-w", "none",
+                                 "--cache", str(tmp_path / "c"), "-q"])
+    assert r.exit_code == 130
+    assert r.output.strip().splitlines()[-1] == ("interrupted: nothing is left half-written and finished work is "
+                                                 "kept; run the same command again to go on")

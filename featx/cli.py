@@ -305,6 +305,8 @@ def cache_info(key, cache_dir):
         ("key", key), ("file", str(i.path) if i.path.exists() else f"{i.path} (not written yet)"),
         ("backbone", s.backbone if s else "?"), ("weights", s.weights if s else "?"),
         ("layer", s.layer if s else "?"), ("pool", s.pool if s else "?"), ("precision", s.precision if s else "?"),
+        *([("calibration", f"{s.calibration} (int8 ranges measured on these images; cache/onnx/ keeps them)")]
+          if s and s.calibration else []),
         ("storage", i.dtype), ("preprocess", json.dumps(s.preprocess) if s else "?"),
         ("images", str(i.n)), ("dims", str(i.dim)), ("size", _human_bytes(i.size_bytes)),
         ("created", i.created), ("updated", i.updated), ("pending", pending),

@@ -50,6 +50,9 @@ def test_int8_entries_have_their_own_keys_and_stay_close_to_fp32(folder_dataset,
     X8, X32 = FeatureCache(cache).read(s8.key, ids), FeatureCache(cache).read(s32.key, ids)
     err = np.linalg.norm(X8 - X32) / np.linalg.norm(X32)
     assert 0 < err < quantize.MAX_RELATIVE_ERROR      # quantized, yet the same features
+    shown = CliRunner().invoke(main, ["cache", "info", s8.key, "--cache", str(cache)])
+    assert shown.exit_code == 0 and f"calibration  {s8.calibration} (int8 ranges" in shown.output
+    assert "calibration" not in CliRunner().invoke(main, ["cache", "info", s32.key, "--cache", str(cache)]).output
 
 
 def test_quantized_model_is_reused_from_disk(folder_dataset, tmp_path, monkeypatch):

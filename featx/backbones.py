@@ -309,26 +309,46 @@ def build_torchvision_table() -> dict:
     return {"torchvision": version("torchvision"), "categories": categories, "models": models}
 
 
+def _public(v: str | None) -> str | None:
+    """A version without its local tag: ``0.29.1+cu130`` is ``0.29.1``."""
+    return v.split("+", 1)[0] if v else v
+
+
+def torchvision_table_is_current() -> bool:
+    """Whether :data:`TORCHVISION_TABLE` was made from the installed
+    torchvision (its public version: local tags such as ``+cu130`` aside);
+    then featx also calls torchvision's resize kernel itself
+    (:func:`featx.preprocess.resize_uint8`)."""
+    return torchvision_table()["from_file"]
+
+
 @functools.lru_cache(maxsize=1)
 def torchvision_table() -> dict:
     """``{"models": {backbone: {weights name: TorchvisionWeights}}, "default":
-    {backbone: DEFAULT's weights name}}`` in torchvision's order: from :data:`TORCHVISION_TABLE` when it was made from the
-    installed torchvision, else from torchvision (imported)."""
+    {backbone: DEFAULT's weights name}}``, in torchvision's order: from
+    :data:`TORCHVISION_TABLE` when it was made from the installed
+    torchvision, else from torchvision (imported)."""
     from importlib.metadata import PackageNotFoundError, version
-    try:
-        raw = json.loads(TORCHVISION_TABLE.read_text())
-        installed = version("torchvision")
-    except (OSError, ValueError, PackageNotFoundError):
-        raw, installed = None, None
-    if raw is None or raw.get("torchvision") != installed or set(raw.get("models", ())) != \
-            {i.name for i in registry().values() if i.torchvision_weights}:
-        raw = build_torchvision_table()
-    cats = {k: tuple(v) for k, v in raw["categories"].items()}
-    return {"torchvision": raw["torchvision"],
-            "default": {name: rows["DEFAULT"] for name, rows in raw["models"].items()},
-            "models": {name: {w: TorchvisionWeights(w, r["url"], Preprocess.from_dict(r["preprocess"]),
-                                                    cats[r["categories"]] if r["categories"] else None)
-                              for w, r in rows.items() if w != "DEFAULT"} for name, rows in raw["models"].items()}}
+    wanted = {i.name for i in registry().values() if i.torchvision_weights}
+    for from_file in (True, False):
+        try:
+            if from_file:
+                raw = json.loads(TORCHVISION_TABLE.read_text())
+                if _public(raw["torchvision"]) != _public(version("torchvision")) or set(raw["models"]) != wanted:
+                    continue
+            else:
+                raw = build_torchvision_table()
+            cats = {k: tuple(v) for k, v in raw["categories"].items()}
+            return {"torchvision": raw["torchvision"], "from_file": from_file,
+                    "default": {name: rows["DEFAULT"] for name, rows in raw["models"].items()},
+                    "models": {name: {w: TorchvisionWeights(w, r["url"], Preprocess.from_dict(r["preprocess"]),
+                                                            cats[r["categories"]] if r["categories"] else None)
+                                      for w, r in rows.items() if w != "DEFAULT"}
+                               for name, rows in raw["models"].items()}}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, PackageNotFoundError):
+            if not from_file:
+                raise
+    raise AssertionError("unreachable")
 
 
 def imagenet_categories() -> list[str]:
@@ -541,7 +561,12 @@ def load_state_dict(info: BackboneInfo, rw: ResolvedWeights) -> dict | None:
                                    f"{rw.name} file ({expected[:16]}...); reinstall the package")
             return _load_state_dict_file(rw.path)
         w = info.weights_enum[rw.name]
-        return w.get_state_dict(progress=False, check_hash=True)
+        try:   # the torch hub cache's copy
+            return w.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # noqa: BLE001 - a truncated or damaged file fails in many ways
+            from .text import error_text
+            raise WeightsError(f"{rw.path}: not a readable {info.name} {rw.name} weights file ({error_text(e, 100)}); "
+                               "delete it to download it again") from None
     w = info.weights_enum[rw.name]
     try:
         return w.get_state_dict(progress=True, check_hash=True)
@@ -573,6 +598,12 @@ class DeferredBackbone(LoadedBackbone):
 
     def __init__(self, info: BackboneInfo, weights: ResolvedWeights, seed: int = 0):
         self.info, self.weights, self.seed = info, weights, seed
+
+    def __repr__(self) -> str:   # never builds the network (the dataclass's would read .model)
+        return f"DeferredBackbone({self.info.name!r}, {self.weights.identity!r}, seed={self.seed})"
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     @functools.cached_property
     def model(self) -> nn.Module:
@@ -651,5 +682,5 @@ def weights_status(info: BackboneInfo) -> list[tuple[str, str]]:
 
 
 if __name__ == "__main__":   # python -m featx.backbones: rebuild TORCHVISION_TABLE from the installed torchvision
-    TORCHVISION_TABLE.write_text(json.dumps(build_torchvision_table(), indent=1, sort_keys=True) + "\n")
+    TORCHVISION_TABLE.write_text(json.dumps(build_torchvision_table(), indent=1) + "\n")   # torchvision's order
     print(f"wrote {TORCHVISION_TABLE}")

@@ -247,7 +247,8 @@ def check_layers(backbone: str, layers) -> None:
     what ``featx layers BACKBONE`` lists.
     """
     info = get_backbone(backbone)
-    layers = [layer for layer in (layers or []) if layer]
+    # the default layer exists: no network built (nor torchvision imported) to say so
+    layers = [layer for layer in (layers or []) if layer and layer != info.default_layer]
     if not layers:
         return
     names, listed, is_graph = _known_layers(info.name)
@@ -667,10 +668,9 @@ def _extract(dataset, samples: list[Sample], specs: Specs, run: RunOptions, cach
     with planned(cache, wanted, samples, notify, run.strict) as plan:
         skipped = list(plan.unreadable)
         if plan.todo:
-            # built when first needed: a stored ONNX export needs no network (nor torchvision);
-            # weights that are not here yet are fetched now, before any image is decoded
-            lb = loaded or (DeferredBackbone(info, rw, specs.seed) if rw.available
-                            else load_backbone(info.name, resolved=rw, seed=specs.seed))
+            lb = loaded or DeferredBackbone(info, rw, specs.seed)
+            if isinstance(lb, DeferredBackbone) and not _export_stored(lb, plan.needed, cache):
+                lb.model   # built now: weights that do not load fail before any image is decoded
             try:
                 extracted, skipped, used = _run(lb, plan.needed, plan.todo, cache, run, device=dev,
                                                 precision=precision, notify=notify, calibration=calibration)
@@ -686,6 +686,17 @@ def _extract(dataset, samples: list[Sample], specs: Specs, run: RunOptions, cach
                 notify(f"{spec.key} left as it was: {e}; every feature asked for is there, going on")
     return ExtractReport(wanted, [s.key for s in wanted], len(plan.unique), plan.n_cached,
                          extracted, plan.resumed, skipped, time.perf_counter() - t0, str(dev), str(cache.root), used)
+
+
+def _export_stored(lb: LoadedBackbone, specs: list[FeatureSpec], cache: FeatureCache) -> bool:
+    """Whether the ONNX export of ``specs``' network is in the cache's model
+    store: then a run needs neither the network nor torchvision to build it."""
+    from .quantize import network_id
+    try:
+        name = network_id(lb, [s.layer for s in specs], specs[0].pool, specs[0].format)
+        return ModelStore(cache.root).path(name, ".onnx").is_file()
+    except QuantizationError:   # not a plain file name
+        return False
 
 
 def _space_needed(cache: FeatureCache, plan: ExtractPlan) -> int:

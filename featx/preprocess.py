@@ -60,12 +60,21 @@ def resize_uint8(x: torch.Tensor, size: list[int], mode: str) -> torch.Tensor:
     """A uint8 (C, H, W) tensor resized to ``size`` (H, W), antialiased, as
     ``torchvision.transforms.v2.functional.resize`` resizes it, value for
     value (tested against it): ``interpolate`` on the uint8 tensor where
-    torchvision does that (bicubic; bilinear on AVX2, AVX-512 and ARM CPUs),
-    else in float32, rounded. Called directly because importing torchvision
-    imports ``torch._dynamo``: 1-3 s of every command's start-up."""
+    torchvision 0.29 does that (bicubic; bilinear on AVX2, AVX-512 and ARM
+    CPUs), else in float32, rounded. Called directly because importing
+    torchvision imports ``torch._dynamo``: 1-3 s of every command's start-up;
+    with another torchvision than the one this was checked against
+    (:func:`~featx.backbones.torchvision_table_is_current`), whose rule may
+    differ, torchvision's own resize runs."""
     import platform
 
     from torch.nn.functional import interpolate
+
+    from .backbones import torchvision_table_is_current
+    if not torchvision_table_is_current():
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+        return F.resize(x, list(size), interpolation=InterpolationMode(mode), antialias=True)
     native = mode == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") \
         or platform.machine() in ("aarch64", "arm64")
     c, h, w = x.shape

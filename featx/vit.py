@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+from .backbones import DINOV2_URL  # noqa: F401  (it lived here)
+
 #: (embed dim, depth, heads) of the official DINOv2 backbones featx builds
 DINOV2_ARCHS = {"dinov2_vits14": (384, 12, 6), "dinov2_vitb14": (768, 12, 12)}
 DINOV2_PATCH = 14

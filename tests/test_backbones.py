@@ -65,26 +65,41 @@ def test_a_torch_hub_cached_file_is_used_offline(monkeypatch, tmp_path):
 def test_the_torchvision_weights_table_is_what_torchvision_says():
     """featx reads weights names, URLs and preprocessing from its table, not
     from an import of torchvision (seconds of start-up): the table must be
-    torchvision's own (rebuild it with `python -m featx.backbones`)."""
+    torchvision's own, in its order (rebuild it with `python -m featx.backbones`)."""
     import json
 
-    from featx.backbones import TORCHVISION_TABLE, build_torchvision_table
-    assert json.loads(TORCHVISION_TABLE.read_text()) == build_torchvision_table(), \
+    from featx.backbones import TORCHVISION_TABLE, build_torchvision_table, torchvision_table_is_current
+    if not torchvision_table_is_current():
+        pytest.skip("another torchvision is installed: featx reads it instead of the table")
+    assert json.dumps(json.loads(TORCHVISION_TABLE.read_text())) == json.dumps(build_torchvision_table()), \
         "featx/torchvision_weights.json is stale: run `python -m featx.backbones`"
+    from torchvision.models import get_model_weights
+    for name in ("regnet_y_16gf", "vit_b_16", "vgg16"):   # auto tries them in this order
+        assert list(featx.backbones.get_backbone(name).tv_weights()) == [w.name for w in get_model_weights(name)]
 
 
 def test_a_table_made_from_another_torchvision_is_not_used(tmp_path, monkeypatch):
     import json
 
     import featx.backbones as b
-    stale = json.loads(b.TORCHVISION_TABLE.read_text())
-    stale["torchvision"] = "0.1.0"
-    stale["models"]["mobilenet_v2"]["IMAGENET1K_V1"]["url"] = "https://example.invalid/other.pth"
+    from featx.preprocess import resize_uint8
+    table = json.loads(b.TORCHVISION_TABLE.read_text())
     monkeypatch.setattr(b, "TORCHVISION_TABLE", tmp_path / "t.json")
-    (tmp_path / "t.json").write_text(json.dumps(stale))
-    b.torchvision_table.cache_clear()
     try:
+        (tmp_path / "t.json").write_text(json.dumps({**table, "torchvision": table["torchvision"] + "+cu999"}))
+        b.torchvision_table.cache_clear()
+        assert b.torchvision_table_is_current()           # a local build tag is the same release
+        stale = dict(table, torchvision="0.1.0")
+        stale["models"]["mobilenet_v2"]["IMAGENET1K_V1"]["url"] = "https://example.invalid/other.pth"
+        (tmp_path / "t.json").write_text(json.dumps(stale))
+        b.torchvision_table.cache_clear()
+        assert not b.torchvision_table_is_current()
         w = b.get_backbone("mobilenet_v2").tv_weights()["IMAGENET1K_V1"]
         assert w.url.endswith("/mobilenet_v2-b0353104.pth")    # read from torchvision instead
+        x = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
+        assert resize_uint8(x, [20, 28], "bilinear").shape == (3, 20, 28)   # torchvision's resize runs
+        (tmp_path / "t.json").write_text('{"torchvision": "x"}')           # damaged: read torchvision
+        b.torchvision_table.cache_clear()
+        assert not b.torchvision_table_is_current() and b.get_backbone("resnet18").tv_default().name == "IMAGENET1K_V1"
     finally:
         b.torchvision_table.cache_clear()

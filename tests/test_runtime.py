@@ -109,6 +109,8 @@ def test_a_stored_export_starts_without_torchvision(folder_dataset, tmp_path):
     never imports torchvision, whose import of torch._dynamo costs seconds."""
     import subprocess
     import sys
+    if not featx.backbones.torchvision_table_is_current():
+        pytest.skip("another torchvision is installed: its table is read from torchvision itself")
     args = ["extract", str(folder_dataset), "-b", "mobilenet_v2", "-w", "none", "--runtime", "onnx",
             "--cache", str(tmp_path / "c"), "-q"]
     code = ("import sys; from featx.cli import cli\n"
@@ -143,6 +145,32 @@ def test_weights_that_do_not_load_stop_the_run_instead_of_falling_back_to_torch(
         make_forward(lb, ["flatten"], "avg", CPU, "fp32", n_images=10**4, runtime="auto", notify=said.append,
                      store=ModelStore(tmp_path))
     assert said == []
+
+
+def test_weights_load_before_any_image_unless_the_export_is_stored(folder_dataset, tmp_path, monkeypatch):
+    import importlib
+
+    import featx.backbones as b
+    from featx.errors import WeightsError
+    fx = importlib.import_module("featx.extract")
+    ds = open_dataset(folder_dataset)
+    opts = dict(runtime="onnx", **SMALL)
+    extract(ds, cache=tmp_path / "c", **opts)                 # stores the export
+    for entry in (tmp_path / "c").glob("resnet18-*"):
+        import shutil
+        shutil.rmtree(entry)
+
+    def broken(info, rw):
+        raise WeightsError(f"{info.name}: the weights file is damaged")
+    monkeypatch.setattr(b, "load_state_dict", broken)
+    decoded = []
+    real = fx.ImageBatches
+    monkeypatch.setattr(fx, "ImageBatches", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    again = extract(ds, cache=tmp_path / "c", **opts)          # the stored export needs no weights
+    assert again.n_extracted == 24 and decoded == [1]
+    with pytest.raises(WeightsError, match="damaged"):
+        extract(ds, cache=tmp_path / "fresh", **opts)         # no export: the weights load first
+    assert decoded == [1]                                     # before any image was decoded
 
 
 @pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU has native bf16")

@@ -669,7 +669,8 @@ def _extract(dataset, samples: list[Sample], specs: Specs, run: RunOptions, cach
         skipped = list(plan.unreadable)
         if plan.todo:
             lb = loaded or DeferredBackbone(info, rw, specs.seed)
-            if isinstance(lb, DeferredBackbone) and not _export_stored(lb, plan.needed, cache):
+            onnx = resolve_runtime(run.runtime, dev, precision, len(plan.todo), run.compile) == "onnx"
+            if isinstance(lb, DeferredBackbone) and not (onnx and _export_stored(lb, plan.needed, cache)):
                 lb.model   # built now: weights that do not load fail before any image is decoded
             try:
                 extracted, skipped, used = _run(lb, plan.needed, plan.todo, cache, run, device=dev,

@@ -325,7 +325,7 @@ def torchvision_table_is_current() -> bool:
 @functools.lru_cache(maxsize=1)
 def torchvision_table() -> dict:
     """``{"models": {backbone: {weights name: TorchvisionWeights}}, "default":
-    {backbone: DEFAULT's weights name}}``, in torchvision's order: from
+    {backbone: DEFAULT's weights name}, "from_file": bool}``, in torchvision's order: from
     :data:`TORCHVISION_TABLE` when it was made from the installed
     torchvision, else from torchvision (imported)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -339,7 +339,7 @@ def torchvision_table() -> dict:
             else:
                 raw = build_torchvision_table()
             cats = {k: tuple(v) for k, v in raw["categories"].items()}
-            return {"torchvision": raw["torchvision"], "from_file": from_file,
+            return {"from_file": from_file,
                     "default": {name: rows["DEFAULT"] for name, rows in raw["models"].items()},
                     "models": {name: {w: TorchvisionWeights(w, r["url"], Preprocess.from_dict(r["preprocess"]),
                                                             cats[r["categories"]] if r["categories"] else None)

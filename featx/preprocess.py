@@ -43,10 +43,8 @@ def preprocess_image(im: Image.Image, pre: Preprocess, pil_resize: bool = False)
         return torch.from_numpy(_preprocess_pil(im, pre)).permute(2, 0, 1)
     x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
     h, w = x.shape[1:]
-    if min(h, w) != pre.resize:   # the short side to pre.resize, as torchvision sizes it
-        short, long = min(h, w), max(h, w)
-        new_long = int(pre.resize * long / short)
-        x = resize_uint8(x, [pre.resize, new_long] if h <= w else [new_long, pre.resize], pre.interpolation)
+    if min(h, w) != pre.resize:
+        x = resize_uint8(x, list(_short_side_to(h, w, pre.resize)), pre.interpolation)
     c = pre.crop
     h, w = x.shape[1:]
     if h < c or w < c:  # torchvision pads; with resize >= crop this never happens
@@ -90,6 +88,13 @@ def resize_uint8(x: torch.Tensor, size: list[int], mode: str) -> torch.Tensor:
     return y[0]
 
 
+def _short_side_to(h: int, w: int, side: int) -> tuple[int, int]:
+    """(height, width) with the short side ``side``, the long one rounded
+    down, as torchvision sizes ``Resize(side)``."""
+    long = int(side * max(h, w) / min(h, w))
+    return (side, long) if h <= w else (long, side)
+
+
 def _center_offsets(h: int, w: int, c: int) -> tuple[int, int]:
     """Top and left of a centered c x c crop, rounded as torchvision rounds."""
     return int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
@@ -98,11 +103,9 @@ def _center_offsets(h: int, w: int, c: int) -> tuple[int, int]:
 def _preprocess_pil(im: Image.Image, pre: Preprocess) -> np.ndarray:
     """:func:`preprocess_image` with PIL's resize: uint8 HWC."""
     w, h = im.size
-    short, long = (w, h) if w <= h else (h, w)
-    if short != pre.resize:
-        new_short, new_long = pre.resize, int(pre.resize * long / short)
-        size = (new_short, new_long) if w <= h else (new_long, new_short)
-        im = im.resize(size, _INTERP.get(pre.interpolation, Image.BILINEAR))
+    if min(w, h) != pre.resize:
+        new_h, new_w = _short_side_to(h, w, pre.resize)
+        im = im.resize((new_w, new_h), _INTERP.get(pre.interpolation, Image.BILINEAR))
     w, h = im.size
     c = pre.crop
     if w < c or h < c:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -114,9 +115,11 @@ def tuned(backbone: str, weights, paths, batch=32, device="cpu"):
     return len(paths) / (time.perf_counter() - t0)
 
 
-def whole_command(backbone, weights, paths, precision, cache_dir, device="cpu", extra=()):
+def whole_command(backbone, weights, paths, precision, cache_dir, device="cpu", extra=(), home=None):
     """``featx extract`` as a user runs it: a new process over a folder of
-    ``paths`` (symlinked), timed from outside, start to exit."""
+    ``paths`` (symlinked), timed from outside, start to exit. ``home``: its
+    per-user folder (FEATX_HOME, where exported networks are kept for every
+    cache folder); a new one is a first-ever run."""
     import shutil
     root = Path(cache_dir) / "images"
     if root.exists():
@@ -129,7 +132,8 @@ def whole_command(backbone, weights, paths, precision, cache_dir, device="cpu", 
     cmd = [str(featx_bin), "extract", str(root), "-b", backbone, "--weights", weights, "--precision", precision,
            "--device", device, "--cache", str(Path(cache_dir) / "cache"), "--quiet", *extra]
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "FEATX_HOME": str(home)} if home is not None else None
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t0
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()[-300:]}")
@@ -163,7 +167,7 @@ def startup(backbone, weights, n=64):
     lb = featx.load_backbone(backbone, weights)
     out["build the network, load weights"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
-        store = ModelStore(d)
+        store = ModelStore(d, shared=None)
         t0 = time.perf_counter()
         OnnxForward(lb, [lb.info.default_layer], "avg", store=store)
         out["ONNX export + check + session (first run)"] = time.perf_counter() - t0
@@ -422,24 +426,28 @@ def run(backbone, weights, n, precision, do_rss, compile_rows, device="cpu"):
         torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
+        home_before = os.environ.get("FEATX_HOME")
+        os.environ["FEATX_HOME"] = str(work / "home")   # in-process rows: nothing exported before them either
         paths = image_list(max(n, 4 * n if do_rss else n), work)
         main = paths[:n]
         row = {"backbone": backbone, "n": n, "precision": precision, "threads": torch.get_num_threads(),
                "runtime": runtime, "device": device, "batch": batch}
         row["a_naive"] = naive(backbone, weights, main, device=device)
         row["a2_tuned"] = tuned(backbone, weights, main, batch=batch, device=device)
-        row["c_command"] = whole_command(backbone, weights, main, precision, work / "cmd", device)
-        if runtime == "onnx":   # fp32 again, features dropped, the exported network kept in the store
-            import shutil
-            for entry in (work / "cmd" / "cache").glob(f"{backbone}-*"):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-            row["c_command_stored"] = whole_command(backbone, weights, main, precision, work / "cmd", device)
+        # a first-ever run: a new cache folder and a new per-user folder (nothing exported yet)
+        row["c_command"] = whole_command(backbone, weights, main, precision, work / "cmd", device,
+                                         home=work / "home-first")
+        if runtime == "onnx":   # fp32 again into a new, empty cache folder: the per-user folder has the export
+            row["c_command_stored"] = whole_command(backbone, weights, main, precision, work / "cmd2", device,
+                                                    home=work / "home-first")
         if runtime == "onnx":   # int8: first run (calibration and quantization included), then with the stored model
-            row["c_int8_first"] = whole_command(backbone, weights, main, "int8", work / "cmd8", device)
+            row["c_int8_first"] = whole_command(backbone, weights, main, "int8", work / "cmd8", device,
+                                                home=work / "home-int8")
             import shutil
             shutil.rmtree(work / "cmd8" / "cache" / next(p.name for p in (work / "cmd8" / "cache").iterdir()
                                                          if "-int8-" in p.name))
-            row["c_int8"] = whole_command(backbone, weights, main, "int8", work / "cmd8", device)
+            row["c_int8"] = whole_command(backbone, weights, main, "int8", work / "cmd8", device,
+                                          home=work / "home-int8")
         # featx's own runs before anything compiles: inductor leaves a pool of
         # compile workers behind that would share the two cores with them
         row["c_default"], rep = featx_extract(backbone, weights, main, precision, work / "c3", device=device)
@@ -470,6 +478,10 @@ def run(backbone, weights, n, precision, do_rss, compile_rows, device="cpu"):
         if do_rss:
             row["rss_N"] = peak_rss_child(backbone, weights, paths[:n], precision, device)
             row["rss_4N"] = peak_rss_child(backbone, weights, paths[: 4 * n], precision, device)
+    if home_before is None:
+        os.environ.pop("FEATX_HOME")
+    else:
+        os.environ["FEATX_HOME"] = home_before
     return row
 
 
@@ -483,8 +495,9 @@ ROWS = [("(a) naive loop (PIL + transforms per image, fp32 NCHW, main process)",
         ("(c) featx extract --runtime torch --compile off, cold cache", "c_eager"),
         ("(c) featx extract --runtime torch --compile on (compile time included)", "c_compiled"),
         ("(c) **featx extract, defaults** (runtime {runtime}), cold cache", "c_default"),
-        ("(c) `featx extract` command, defaults, timed from outside (start-up included)", "c_command"),
-        ("(c) `featx extract` command, defaults, exported network stored", "c_command_stored"),
+        ("(c) `featx extract` command, defaults, timed from outside, first-ever run (exports)", "c_command"),
+        ("(c) `featx extract` command, defaults, new empty cache folder, export in the per-user folder",
+         "c_command_stored"),
         ("(c) `featx extract --precision int8` command, first run (calibration + quantization)", "c_int8_first"),
         ("(c) `featx extract --precision int8` command, quantized model stored", "c_int8")]
 

@@ -690,12 +690,13 @@ def _extract(dataset, samples: list[Sample], specs: Specs, run: RunOptions, cach
 
 
 def _export_stored(lb: LoadedBackbone, specs: list[FeatureSpec], cache: FeatureCache) -> bool:
-    """Whether the ONNX export of ``specs``' network is in the cache's model
-    store: then a run needs neither the network nor torchvision to build it."""
+    """Whether the ONNX export of ``specs``' network is stored (in the cache or
+    the shared folder, :meth:`~featx.quantize.ModelStore.get_export`): then a
+    run needs neither the network nor torchvision to build it."""
     from .quantize import network_id
     try:
         name = network_id(lb, [s.layer for s in specs], specs[0].pool, specs[0].format)
-        return ModelStore(cache.root).path(name, ".onnx").is_file()
+        return ModelStore(cache.root).has_export(name)
     except QuantizationError:   # not a plain file name
         return False
 
@@ -924,14 +925,14 @@ class OnnxForward:
         self._ort, self.threads, self.name = ort, threads or torch.get_num_threads(), lb.info.name
         self.layers, self.crop = list(layers), lb.preprocess.crop
         net_id = q.network_id(lb, layers, pool, feature_format)
-        fp32 = store.get(net_id, ".onnx") if store is not None else None
+        fp32 = store.get_export(net_id) if store is not None else None
         if fp32 is None:
             net = FeatureNet(lb.model, layers, pool, lb.preprocess, fuse=True, backbone=lb.info.name).eval()
             fp32 = q.export_onnx(net, self.crop, len(layers), lb.info.name)
             self.session = self._session(fp32, "the exported network")
             self._check(net)   # 3 images: a batch size baked in by the trace fails
             if store is not None:
-                store.put(net_id, ".onnx", fp32)
+                store.put_export(net_id, fp32)
         else:
             self.session = self._session(fp32, "the exported network")
         self.precision = "fp32"

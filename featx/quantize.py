@@ -30,12 +30,15 @@ How ``--precision int8`` works
    MobileNetV2 on 128 images, where ONNX Runtime's calibrator took 33 s and
    held every activation of every image in memory; once per network and
    calibration.
-3. **The store.** ``<cache>/onnx/`` keeps the fp32 export (keyed by the
+3. **The store.** ``<cache>/onnx/`` keeps the calibration ranges (JSON,
+   plain numbers) and the quantized model: they are made from the dataset's
+   images. The fp32 export is made from the weights alone (keyed by the
    network: backbone, weights identity, layers, pooling, preprocessing,
-   feature format, torch and ONNX opset), the calibration ranges (JSON, plain
-   numbers) and the quantized model. A second run loads them from disk and
-   neither exports, calibrates nor quantizes again; the fp32 export also
-   spares fp32 runs their export (start-up).
+   feature format, torch and ONNX opset), so it is kept where the weights
+   are, once per user: :func:`shared_store_dir` (``$FEATX_HOME/onnx``,
+   default ``~/.cache/featx/onnx``); every cache folder then starts without
+   exporting. A second run loads them from disk and neither exports,
+   calibrates nor quantizes again.
 
 A quantization that fails, or whose features stray too far from fp32's
 (relative error above :data:`MAX_RELATIVE_ERROR` on calibration images), is
@@ -67,7 +70,8 @@ from .files import atomic_write_bytes, atomic_write_text
 from .text import error_text
 
 __all__ = ["CALIBRATION_IMAGES", "Calibration", "ModelStore", "QuantizationError", "bundle_ranges",
-           "calibration_for", "calibration_id", "calibration_sample", "is_transient", "measure_ranges"]
+           "calibration_for", "calibration_id", "calibration_sample", "is_transient", "measure_ranges",
+           "shared_store_dir"]
 
 CALIBRATION_IMAGES = 128      # images whose activations set the int8 ranges
 QUANT_VERSION = 2             # bump when the settings below change: new keys, new models
@@ -168,13 +172,39 @@ def network_id(lb, layers, pool: str, feature_format: int) -> str:
     return f"{lb.info.name}-{digest}"
 
 
-class ModelStore:
-    """``<cache>/onnx/``: exported fp32 networks, calibration ranges and int8
-    models, written atomically (a reader never sees half a file; two writers
-    of the same file write the same bytes)."""
+HOME_ENV = "FEATX_HOME"
 
-    def __init__(self, root):
+
+def shared_store_dir() -> Path | None:
+    """Where exported fp32 networks are kept for every cache folder of this
+    user: ``$FEATX_HOME/onnx``, else ``$XDG_CACHE_HOME/featx/onnx``, else
+    ``~/.cache/featx/onnx`` (as torch keeps its weights in ``~/.cache/torch``).
+    ``FEATX_HOME=""`` turns it off: each cache folder keeps its own."""
+    home = os.environ.get(HOME_ENV)
+    if home is None:
+        base = os.environ.get("XDG_CACHE_HOME")
+        try:
+            home = str(Path(base) / "featx") if base else str(Path.home() / ".cache" / "featx")
+        except (RuntimeError, KeyError):   # no home directory to find
+            return None
+    return Path(home).expanduser() / "onnx" if home else None
+
+
+_SHARED = object()
+
+
+class ModelStore:
+    """``<cache>/onnx/``: calibration ranges and int8 models (made from the
+    dataset's images); and the exported fp32 networks (made from the weights
+    alone), kept in ``shared`` (:func:`shared_store_dir`) so that every cache
+    folder reuses them, or in ``<cache>/onnx/`` when there is no shared
+    folder or it cannot be written. Files are written atomically (a reader
+    never sees half a file; two writers of the same file write the same
+    bytes), each with its sha256 beside it."""
+
+    def __init__(self, root, shared=_SHARED):
         self.root = Path(root) / "onnx"
+        self.shared = shared_store_dir() if shared is _SHARED else (Path(shared) if shared is not None else None)
 
     def path(self, net_id: str, suffix: str) -> Path:
         """The file of ``net_id`` + ``suffix``; names that are not plain file
@@ -187,7 +217,30 @@ class ModelStore:
     def get(self, net_id: str, suffix: str) -> bytes | None:
         """The file's bytes, or None when it is missing or does not match the
         sha256 written beside it (damaged: it is made again)."""
-        path = self.path(net_id, suffix)
+        return self._read(self.path(net_id, suffix))
+
+    def export_paths(self, net_id: str) -> list[Path]:
+        """Where the fp32 export of ``net_id`` may be, in the order read: this
+        cache's own (a cache written before the shared folder, or copied with
+        its exports), then the shared folder."""
+        own = self.path(net_id, ".onnx")
+        return [own] + ([self.shared / own.name] if self.shared is not None else [])
+
+    def get_export(self, net_id: str) -> bytes | None:
+        """The fp32 export's bytes, or None when neither place has it intact."""
+        return next((data for p in self.export_paths(net_id) if (data := self._read(p)) is not None), None)
+
+    def has_export(self, net_id: str) -> bool:
+        return any(p.is_file() for p in self.export_paths(net_id))
+
+    def put_export(self, net_id: str, data: bytes) -> bool:
+        """Keep the fp32 export: in the shared folder, else (none, or it cannot
+        be written) in this cache's own."""
+        own = self.path(net_id, ".onnx")
+        return (self.shared is not None and self._write(self.shared / own.name, data)) or self._write(own, data)
+
+    @staticmethod
+    def _read(path: Path) -> bytes | None:
         try:
             data, want = path.read_bytes(), path.with_name(path.name + ".sha256").read_text().strip()
         except OSError:
@@ -255,9 +308,12 @@ class ModelStore:
     def put(self, net_id: str, suffix: str, data: bytes) -> bool:
         """Keep ``data``; False when the store cannot be written (read-only
         cache, full disk): that only costs the next run the work again."""
-        path = self.path(net_id, suffix)
+        return self._write(self.path(net_id, suffix), data)
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> bool:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, data)
             atomic_write_text(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest() + "\n")
         except OSError:

@@ -13,6 +13,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 # Spinning OpenMP threads starve everything else on small shared machines.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+
+@pytest.fixture(autouse=True)
+def featx_home(tmp_path_factory, monkeypatch):
+    """Each test its own per-user folder (exported networks shared by cache
+    folders, featx.quantize.shared_store_dir): never the real ~/.cache, and
+    no test starts with another's export."""
+    home = tmp_path_factory.mktemp("featx-home")
+    monkeypatch.setenv("FEATX_HOME", str(home))
+    return home
+
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 

@@ -168,9 +168,47 @@ def test_weights_load_before_any_image_unless_the_export_is_stored(folder_datase
     monkeypatch.setattr(fx, "ImageBatches", lambda *a, **k: decoded.append(1) or real(*a, **k))
     again = extract(ds, cache=tmp_path / "c", **opts)          # the stored export needs no weights
     assert again.n_extracted == 24 and decoded == [1]
+    again = extract(ds, cache=tmp_path / "new", **opts)        # a new cache folder: the shared export
+    assert again.n_extracted == 24 and decoded == [1, 1]
+    monkeypatch.setenv("FEATX_HOME", str(tmp_path / "other-user"))
     with pytest.raises(WeightsError, match="damaged"):
         extract(ds, cache=tmp_path / "fresh", **opts)         # no export: the weights load first
-    assert decoded == [1]                                     # before any image was decoded
+    assert decoded == [1, 1]                                  # before any image was decoded
+
+
+def test_the_export_is_made_once_for_every_cache_folder(folder_dataset, tmp_path, featx_home, monkeypatch):
+    """The fp32 export comes from the weights alone: kept in the per-user
+    folder, a new cache folder starts without exporting, and features from
+    either are the same; the cache folders hold features, not networks."""
+    import featx.quantize as q
+    ds = open_dataset(folder_dataset)
+    opts = dict(runtime="onnx", **SMALL)
+    first = extract(ds, cache=tmp_path / "a", **opts)
+    assert len(list((featx_home / "onnx").glob("resnet18-*.onnx"))) == 1
+    exports = []
+    real = q.export_onnx
+    monkeypatch.setattr(q, "export_onnx", lambda *a, **k: exports.append(1) or real(*a, **k))
+    second = extract(ds, cache=tmp_path / "b", **opts)
+    assert exports == [] and second.n_extracted == 24
+    assert not (tmp_path / "a" / "onnx").exists() and not (tmp_path / "b" / "onnx").exists()
+    np.testing.assert_array_equal(load_features(tmp_path / "a", first.specs[0], ds)[0],
+                                  load_features(tmp_path / "b", second.specs[0], ds)[0])
+
+
+@pytest.mark.parametrize("home", ["", "a-file/below"], ids=["turned off", "cannot be written"])
+def test_without_a_shared_folder_each_cache_keeps_its_export(folder_dataset, tmp_path, monkeypatch, home):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("FEATX_HOME", home and str(tmp_path / home))
+    ds = open_dataset(folder_dataset)
+    extract(ds, cache=tmp_path / "c", runtime="onnx", **SMALL)
+    (own,) = (tmp_path / "c" / "onnx").glob("resnet18-*.onnx")
+    assert (tmp_path / "c" / "onnx" / (own.name + ".sha256")).is_file()
+    import featx.quantize as q
+    import shutil
+    for entry in (tmp_path / "c").glob("resnet18-*"):
+        shutil.rmtree(entry)
+    monkeypatch.setattr(q, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    assert extract(ds, cache=tmp_path / "c", runtime="onnx", **SMALL).n_extracted == 24
 
 
 @pytest.mark.skipif(cpu_has_native_bf16(), reason="this CPU has native bf16")

@@ -26,6 +26,7 @@ of the same size range (600-900 px).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -409,6 +410,21 @@ def _probe_cv(out, precisions, labels, folds, repeats):
     return res
 
 
+@contextlib.contextmanager
+def featx_home(path):
+    """FEATX_HOME (where exported networks are kept for every cache folder)
+    set to ``path`` inside the block, as it was after it."""
+    before = os.environ.get("FEATX_HOME")
+    os.environ["FEATX_HOME"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FEATX_HOME", None)
+        else:
+            os.environ["FEATX_HOME"] = before
+
+
 def run(backbone, weights, n, precision, do_rss, compile_rows, device="cpu"):
     from featx.extract import auto_batch_size, resolve_device, resolve_precision, resolve_runtime
     dev = resolve_device(device)
@@ -426,62 +442,57 @@ def run(backbone, weights, n, precision, do_rss, compile_rows, device="cpu"):
         torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        home_before = os.environ.get("FEATX_HOME")
-        os.environ["FEATX_HOME"] = str(work / "home")   # in-process rows: nothing exported before them either
-        paths = image_list(max(n, 4 * n if do_rss else n), work)
-        main = paths[:n]
-        row = {"backbone": backbone, "n": n, "precision": precision, "threads": torch.get_num_threads(),
-               "runtime": runtime, "device": device, "batch": batch}
-        row["a_naive"] = naive(backbone, weights, main, device=device)
-        row["a2_tuned"] = tuned(backbone, weights, main, batch=batch, device=device)
-        # a first-ever run: a new cache folder and a new per-user folder (nothing exported yet)
-        row["c_command"] = whole_command(backbone, weights, main, precision, work / "cmd", device,
-                                         home=work / "home-first")
-        if runtime == "onnx":   # fp32 again into a new, empty cache folder: the per-user folder has the export
-            row["c_command_stored"] = whole_command(backbone, weights, main, precision, work / "cmd2", device,
-                                                    home=work / "home-first")
-        if runtime == "onnx":   # int8: first run (calibration and quantization included), then with the stored model
-            row["c_int8_first"] = whole_command(backbone, weights, main, "int8", work / "cmd8", device,
-                                                home=work / "home-int8")
-            import shutil
-            shutil.rmtree(work / "cmd8" / "cache" / next(p.name for p in (work / "cmd8" / "cache").iterdir()
-                                                         if "-int8-" in p.name))
-            row["c_int8"] = whole_command(backbone, weights, main, "int8", work / "cmd8", device,
-                                          home=work / "home-int8")
-        # featx's own runs before anything compiles: inductor leaves a pool of
-        # compile workers behind that would share the two cores with them
-        row["c_default"], rep = featx_extract(backbone, weights, main, precision, work / "c3", device=device)
-        assert rep.runtime == runtime
-        row["c_eager"], _ = featx_extract(backbone, weights, main, precision, work / "c1", compile="off",
-                                          runtime="torch", device=device)
-        row["b_plain"] = forward_only(backbone, weights, n, precision, plain=True, batch=batch, device=device)
-        row["b_eager"] = forward_only(backbone, weights, n, precision, compile=False, batch=batch, device=device)
-        if runtime == "onnx":
-            row["b_onnx"] = forward_only(backbone, weights, n, precision, onnx=True)
-            row["b_onnx_int8"] = forward_only(backbone, weights, n, precision, onnx=True, int8=True)
-        if compile_rows:
-            row["b_compiled"] = forward_only(backbone, weights, n, precision, compile=True, batch=batch,
-                                             device=device)
-            row["c_compiled"], _ = featx_extract(backbone, weights, main, precision, work / "c2", compile="on",
-                                                 runtime="torch", device=device)
-        row["b_forward"] = row["b_onnx"] if runtime == "onnx" else row["b_eager"]
-        row["c/a"] = row["c_default"] / row["a_naive"]
-        row["c/b"] = row["c_default"] / row["b_forward"]
-        for c in ("c_command", "c_command_stored", "c_int8"):
-            if c in row:
-                row[f"{c}/a"] = row[c] / row["a_naive"]
-                row[f"{c}/a2"] = row[c] / row["a2_tuned"]
-                row[f"{c}/b"] = row[c] / row["b_onnx_int8" if c == "c_int8" else "b_forward"]
-        row["c_torch/b_torch"] = row["c_eager"] / row["b_eager"]
-        row["breakdown"] = breakdown(backbone, weights, main[: min(n, max(256, 4 * batch))], precision, runtime,
-                                     device, batch)
-        if do_rss:
-            row["rss_N"] = peak_rss_child(backbone, weights, paths[:n], precision, device)
-            row["rss_4N"] = peak_rss_child(backbone, weights, paths[: 4 * n], precision, device)
-    if home_before is None:
-        os.environ.pop("FEATX_HOME")
-    else:
-        os.environ["FEATX_HOME"] = home_before
+        with featx_home(work / "home"):   # in-process rows: nothing exported before them either
+            paths = image_list(max(n, 4 * n if do_rss else n), work)
+            main = paths[:n]
+            row = {"backbone": backbone, "n": n, "precision": precision, "threads": torch.get_num_threads(),
+                   "runtime": runtime, "device": device, "batch": batch}
+            row["a_naive"] = naive(backbone, weights, main, device=device)
+            row["a2_tuned"] = tuned(backbone, weights, main, batch=batch, device=device)
+            # a first-ever run: a new cache folder and a new per-user folder (nothing exported yet)
+            row["c_command"] = whole_command(backbone, weights, main, precision, work / "cmd", device,
+                                             home=work / "home-first")
+            if runtime == "onnx":   # fp32 again into a new, empty cache folder: the per-user folder has the export
+                row["c_command_stored"] = whole_command(backbone, weights, main, precision, work / "cmd2", device,
+                                                        home=work / "home-first")
+            if runtime == "onnx":   # int8: first run (calibration and quantization included), then with the stored model
+                row["c_int8_first"] = whole_command(backbone, weights, main, "int8", work / "cmd8", device,
+                                                    home=work / "home-int8")
+                import shutil
+                shutil.rmtree(work / "cmd8" / "cache" / next(p.name for p in (work / "cmd8" / "cache").iterdir()
+                                                             if "-int8-" in p.name))
+                row["c_int8"] = whole_command(backbone, weights, main, "int8", work / "cmd8", device,
+                                              home=work / "home-int8")
+            # featx's own runs before anything compiles: inductor leaves a pool of
+            # compile workers behind that would share the two cores with them
+            row["c_default"], rep = featx_extract(backbone, weights, main, precision, work / "c3", device=device)
+            assert rep.runtime == runtime
+            row["c_eager"], _ = featx_extract(backbone, weights, main, precision, work / "c1", compile="off",
+                                              runtime="torch", device=device)
+            row["b_plain"] = forward_only(backbone, weights, n, precision, plain=True, batch=batch, device=device)
+            row["b_eager"] = forward_only(backbone, weights, n, precision, compile=False, batch=batch, device=device)
+            if runtime == "onnx":
+                row["b_onnx"] = forward_only(backbone, weights, n, precision, onnx=True)
+                row["b_onnx_int8"] = forward_only(backbone, weights, n, precision, onnx=True, int8=True)
+            if compile_rows:
+                row["b_compiled"] = forward_only(backbone, weights, n, precision, compile=True, batch=batch,
+                                                 device=device)
+                row["c_compiled"], _ = featx_extract(backbone, weights, main, precision, work / "c2", compile="on",
+                                                     runtime="torch", device=device)
+            row["b_forward"] = row["b_onnx"] if runtime == "onnx" else row["b_eager"]
+            row["c/a"] = row["c_default"] / row["a_naive"]
+            row["c/b"] = row["c_default"] / row["b_forward"]
+            for c in ("c_command", "c_command_stored", "c_int8"):
+                if c in row:
+                    row[f"{c}/a"] = row[c] / row["a_naive"]
+                    row[f"{c}/a2"] = row[c] / row["a2_tuned"]
+                    row[f"{c}/b"] = row[c] / row["b_onnx_int8" if c == "c_int8" else "b_forward"]
+            row["c_torch/b_torch"] = row["c_eager"] / row["b_eager"]
+            row["breakdown"] = breakdown(backbone, weights, main[: min(n, max(256, 4 * batch))], precision, runtime,
+                                         device, batch)
+            if do_rss:
+                row["rss_N"] = peak_rss_child(backbone, weights, paths[:n], precision, device)
+                row["rss_4N"] = peak_rss_child(backbone, weights, paths[: 4 * n], precision, device)
     return row
 
 
@@ -576,6 +587,11 @@ def main():
     ap.add_argument("--threads", action="store_true",
                     help="whole extraction for each split of the cores between ONNX Runtime threads and decode workers")
     args = ap.parse_args()
+    # never the user's own per-user folder: no row starts with an export made before this run
+    import atexit
+    import shutil
+    os.environ["FEATX_HOME"] = tempfile.mkdtemp(prefix="featx-bench-home-")
+    atexit.register(shutil.rmtree, os.environ["FEATX_HOME"], ignore_errors=True)
     rows = []
     if args.speed:
         for bb in args.backbone or ["mobilenet_v2", "resnet50"]:

@@ -34,7 +34,7 @@ How ``--precision int8`` works
    plain numbers) and the quantized model: they are made from the dataset's
    images. The fp32 export is made from the weights alone (keyed by the
    network: backbone, weights identity, layers, pooling, preprocessing,
-   feature format, torch and ONNX opset), so it is kept where the weights
+   feature format, torch, ONNX opset and featx), so it is kept where the weights
    are, once per user: :func:`shared_store_dir` (``$FEATX_HOME/onnx``,
    default ``~/.cache/featx/onnx``); every cache folder then starts without
    exporting. A second run loads them from disk and neither exports,
@@ -165,9 +165,11 @@ def calibration_for(samples, seed: int = 0, store: "ModelStore | None" = None, n
 def network_id(lb, layers, pool: str, feature_format: int) -> str:
     """Identity of the network featx exports: what determines the ONNX file."""
     import torch
+
+    from . import __version__
     what = {"backbone": lb.info.name, "weights": lb.weights.identity, "layers": list(layers), "pool": pool,
             "preprocess": lb.preprocess.as_dict(), "format": feature_format, "torch": torch.__version__,
-            "opset": OPSET, "export": EXPORT_VERSION}
+            "opset": OPSET, "export": EXPORT_VERSION, "featx": __version__}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     return f"{lb.info.name}-{digest}"
 
@@ -181,13 +183,13 @@ def shared_store_dir() -> Path | None:
     ``~/.cache/featx/onnx`` (as torch keeps its weights in ``~/.cache/torch``).
     ``FEATX_HOME=""`` turns it off: each cache folder keeps its own."""
     home = os.environ.get(HOME_ENV)
-    if home is None:
-        base = os.environ.get("XDG_CACHE_HOME")
-        try:
-            home = str(Path(base) / "featx") if base else str(Path.home() / ".cache" / "featx")
-        except (RuntimeError, KeyError):   # no home directory to find
-            return None
-    return Path(home).expanduser() / "onnx" if home else None
+    try:
+        if home is None:
+            base = os.environ.get("XDG_CACHE_HOME")   # a relative one is to be ignored (XDG's rule)
+            home = str(Path(base) / "featx") if base and Path(base).is_absolute() else "~/.cache/featx"
+        return Path(home).expanduser().absolute() / "onnx" if home else None
+    except (RuntimeError, KeyError, OSError):   # no home directory to find
+        return None
 
 
 _SHARED = object()
@@ -231,7 +233,12 @@ class ModelStore:
         return next((data for p in self.export_paths(net_id) if (data := self._read(p)) is not None), None)
 
     def has_export(self, net_id: str) -> bool:
-        return any(p.is_file() for p in self.export_paths(net_id))
+        def there(path: Path) -> bool:
+            try:
+                return path.is_file()
+            except OSError:   # a folder this user cannot search: as good as missing
+                return False
+        return any(there(p) for p in self.export_paths(net_id))
 
     def put_export(self, net_id: str, data: bytes) -> bool:
         """Keep the fp32 export: in the shared folder, else (none, or it cannot

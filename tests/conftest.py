@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,10 @@ from PIL import Image
 os.environ.setdefault("TQDM_DISABLE", "1")
 # Spinning OpenMP threads starve everything else on small shared machines.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Never the real ~/.cache/featx, even for module-scoped fixtures (featx_home below gives each test its own).
+_SESSION_HOME = tempfile.mkdtemp(prefix="featx-home-")
+atexit.register(shutil.rmtree, _SESSION_HOME, ignore_errors=True)
+os.environ["FEATX_HOME"] = _SESSION_HOME
 
 
 

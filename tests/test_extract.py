@@ -297,13 +297,20 @@ def test_format_2_features_are_still_made_the_pil_way_for_older_bundles(folder_d
         extract(ds, cache=tmp_path / "c", feature_format=1, **SMALL)
 
 
-def test_decode_workers_keep_a_deep_queue_within_a_memory_bound():
+def test_decode_workers_keep_a_deep_queue_within_a_memory_bound(monkeypatch):
     """Deep enough to fill while the network is prepared (16 batches of 32 at
-    224 px on 2 workers), never more decoded images ready than the bound."""
+    224 px on 2 workers), never more decoded images ready than the bound,
+    nor more than half the free shared memory they are handed over in."""
+    import featx.inference as inf
     from featx.inference import PREFETCH_BYTES, prefetch_batches
+    monkeypatch.setattr(inf, "_shared_memory_free", lambda: 8 << 30)
     assert prefetch_batches(32, 2, 224) == 16
     assert prefetch_batches(64, 2, 224) == 13     # 13 x 2 x 64 images of 147 KiB: 245 MiB
     for batch, workers, crop in [(64, 2, 224), (48, 3, 288), (256, 8, 224), (64, 4, 518), (1024, 8, 224)]:
         depth = prefetch_batches(batch, workers, crop)
         assert 2 <= depth < 16
         assert depth == 2 or depth * workers * batch * 3 * crop * crop <= PREFETCH_BYTES
+    monkeypatch.setattr(inf, "_shared_memory_free", lambda: 64 << 20)   # a default Docker container
+    assert prefetch_batches(32, 2, 224) == 3                              # 3 x 2 x 32 x 147 KiB: 28 MiB
+    monkeypatch.setattr(inf, "_shared_memory_free", lambda: None)
+    assert prefetch_batches(32, 2, 224) == 16

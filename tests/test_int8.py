@@ -148,7 +148,7 @@ def test_int8_option_clashes_are_one_line_errors(folder_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_bundle_predicts_where_the_store_never_saw_the_calibration(split_dataset, tmp_path):
+def test_int8_bundle_predicts_where_the_store_never_saw_the_calibration(split_dataset, tmp_path, monkeypatch):
     ds = open_dataset(split_dataset)
     cache = tmp_path / "c"
     result = featx.train(ds, "resnet18", "logreg", weights="none", precision="int8", grid=[1.0], cache=cache,
@@ -160,6 +160,7 @@ def test_int8_bundle_predicts_where_the_store_never_saw_the_calibration(split_da
     paths = [str(s.path) for s in ds.subset("test")]
     want = featx.predict(out, paths, cache=cache, progress=False)
     # a new machine: an empty cache and no stored model; the bundle's ranges rebuild the same int8 network
+    monkeypatch.setenv("FEATX_HOME", str(tmp_path / "new-machine"))
     got = featx.predict(out, paths, cache=tmp_path / "fresh", progress=False)
     assert [r["label"] for r in got] == [r["label"] for r in want]
     np.testing.assert_allclose([r["probability"] for r in got], [r["probability"] for r in want], atol=1e-5)

@@ -402,7 +402,7 @@ def test_dask_engine_is_validated_and_passed_through(project, monkeypatch):
     assert seen == {"kind": "dask", "scheduler": "tcp://127.0.0.1:1", "shard_size": 8}
 
 
-def test_an_int8_dry_run_writes_nothing(project):
+def test_an_int8_dry_run_writes_nothing(project, featx_home):
     pytest.importorskip("onnxruntime")
     (project / "p.toml").write_text(PIPELINE.replace('layers = ["layer3", "flatten"]\n',
                                                      'layers = ["flatten"]\nprecision = "int8"\n'))
@@ -411,7 +411,7 @@ def test_an_int8_dry_run_writes_nothing(project):
     assert "extract   resnet18 flatten (avg, int8)" in r.output and "compute  24 of 24 images" in r.output
     # not even the calibration record: it is written when int8 features are extracted (reading the
     # dataset keeps its file hashes, hashes.sqlite, as every command does)
-    assert not (project / "cache" / "onnx").exists()
+    assert not (project / "cache" / "onnx").exists() and not any(featx_home.iterdir())
     assert [p.name for p in project.rglob("*") if p.is_file() and "data" not in p.relative_to(project).parts
             and p.name != "p.toml"] == ["hashes.sqlite"]
 

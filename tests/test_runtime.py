@@ -195,6 +195,23 @@ def test_the_export_is_made_once_for_every_cache_folder(folder_dataset, tmp_path
                                   load_features(tmp_path / "b", second.specs[0], ds)[0])
 
 
+def test_a_damaged_shared_export_is_made_again(folder_dataset, tmp_path, featx_home, monkeypatch):
+    import featx.quantize as q
+    ds = open_dataset(folder_dataset)
+    first = extract(ds, cache=tmp_path / "a", runtime="onnx", **SMALL)
+    (shared,) = (featx_home / "onnx").glob("resnet18-*.onnx")
+    data = bytearray(shared.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shared.write_bytes(bytes(data))
+    exports = []
+    real = q.export_onnx
+    monkeypatch.setattr(q, "export_onnx", lambda *a, **k: exports.append(1) or real(*a, **k))
+    again = extract(ds, cache=tmp_path / "b", runtime="onnx", **SMALL)
+    assert exports == [1] and q.ModelStore(tmp_path / "b").get_export(shared.name[:-len(".onnx")]) is not None
+    np.testing.assert_allclose(load_features(tmp_path / "b", again.specs[0], ds)[0],
+                               load_features(tmp_path / "a", first.specs[0], ds)[0], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("home", ["", "a-file/below"], ids=["turned off", "cannot be written"])
 def test_without_a_shared_folder_each_cache_keeps_its_export(folder_dataset, tmp_path, monkeypatch, home):
     (tmp_path / "a-file").write_text("not a folder")

@@ -247,6 +247,7 @@ def _forward(job: ShardJob, dev):
     preprocessing, batch size and a lock (a Forward keeps per-call state)."""
     from .backbones import get_backbone, load_backbone, resolve_weights
     from .extract import auto_batch_size, make_forward, resolve_runtime, should_compile
+    from .quantize import ModelStore
     spec = job.specs[0]   # weights, pool and precision are the same for every layer
     decided = (should_compile(job.compile, job.images_per_worker, dev),
                resolve_runtime(job.runtime, dev, spec.precision, job.images_per_worker))
@@ -263,7 +264,7 @@ def _forward(job: ShardJob, dev):
             lb = load_backbone(info.name, resolved=rw, seed=job.seed)
             forward = make_forward(lb, [s.layer for s in job.specs], spec.pool, dev, spec.precision,
                                    n_images=job.images_per_worker, compile=job.compile, runtime=job.runtime,
-                                   notify=log.warning)
+                                   notify=log.warning, store=ModelStore.exports_only())
             batch = job.batch_size or auto_batch_size(forward.net, lb.preprocess.crop, dev, spec.precision)
             _FORWARDS[key] = (forward, lb.preprocess, batch, threading.Lock())
         return _FORWARDS[key]

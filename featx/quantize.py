@@ -208,6 +208,14 @@ class ModelStore:
         self.root = Path(root) / "onnx"
         self.shared = shared_store_dir() if shared is _SHARED else (Path(shared) if shared is not None else None)
 
+    @classmethod
+    def exports_only(cls) -> "ModelStore | None":
+        """The per-user folder alone, where there is no cache folder at hand
+        (a Dask worker: exports only, as int8 does not run there), or None
+        when there is no such folder."""
+        shared = shared_store_dir()
+        return cls(shared.parent, shared=None) if shared is not None else None
+
     def path(self, net_id: str, suffix: str) -> Path:
         """The file of ``net_id`` + ``suffix``; names that are not plain file
         names (a bundle's calibration id with ``/`` or ``..``) are refused."""

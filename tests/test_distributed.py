@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +112,9 @@ def test_onnx_runtime_on_the_workers_fills_the_same_entries(dataset, reference, 
                              runtime="onnx", **BACKBONE)
     assert report.runtime == "onnx" and report.device == "dask: 2 workers, cpu (onnxruntime)"
     assert report.where == report.device
+    # the workers keep the export in their per-user folder: a worker started later loads it
+    for home in set(client.run(lambda: os.environ["FEATX_HOME"]).values()):
+        assert list((Path(home) / "onnx").glob("resnet18-*.onnx"))
     scale = max(float(np.abs(v).max()) for v in reference.values())
     got = cache.read(report.keys[0], list(reference))
     assert np.abs(got - np.stack(list(reference.values()))).max() <= 1e-5 * scale
